@@ -1,0 +1,411 @@
+"""Self-describing checkpoint directories, and transformers interop in both directions.
+
+A blip2 checkpoint directory holds:
+
+- ``blip2cli_config.json``   the ``Blip2ModelConfig`` (stage, encoder kind, Q-Former, LLM config...);
+- ``model.safetensors``      the weights (never pickles);
+- ``blip2cli_extras.safetensors``  stage-1 weights transformers has no slot for (ITC temperature, ITG head);
+- tokenizer files at the root (the LLM's for stage 2, the Q-Former's BERT for stage 1; a stage-2 model's
+  Q-Former tokenizer, when it has one, in ``qformer_tokenizer/``) and the image-processor settings.
+
+When every weight fits transformers' Blip2 classes (an EVA-style ``Blip2VisionModel`` encoder), the same
+directory is also a transformers checkpoint: ``config.json`` + ``processor_config.json`` are written by
+transformers itself, so ``Blip2ForConditionalGeneration`` / ``Blip2ForImageTextRetrieval`` and
+``AutoProcessor`` load it unchanged. That makes ``blip2 export`` a plain save, and any transformers
+BLIP-2 checkpoint (a directory or a hub id) a blip2 checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from blip2cli.errors import CheckpointError, ModelNotFoundError
+from blip2cli.models.config import CONFIG_FILENAME, Blip2ModelConfig
+
+EXTRAS_FILENAME = "blip2cli_extras.safetensors"
+WEIGHTS_FILENAME = "model.safetensors"
+QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
+IMAGE_TOKEN = "<image>"
+
+# The released checkpoint `blip2 ask` uses when no --model is given.
+DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
+
+# What a hub download fetches: configs, safetensors weights, tokenizer and processor files.
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "qformer_tokenizer/*"]
+
+
+@dataclass
+class LoadedModel:
+    """A model with everything needed to feed it."""
+
+    model: Any  # Blip2Stage1Model | Blip2Stage2Model
+    config: Blip2ModelConfig
+    tokenizer: Any  # the LLM's tokenizer (stage 2) or the Q-Former's BERT tokenizer (stage 1)
+    image_processor: Any
+    qformer_tokenizer: Any = None
+    source: str = ""
+
+    @property
+    def stage(self) -> int:
+        return self.config.stage
+
+
+# --------------------------------------------------------------------------- locating
+def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
+    """A local directory, or a hub id fetched into the Hugging Face cache."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelNotFoundError(f"{path} is a file; --model expects a checkpoint directory or a hub id")
+    name = str(name_or_path)
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise ModelNotFoundError(f"no checkpoint directory at {name}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=_HUB_PATTERNS))
+    except Exception as err:  # offline, unknown repo, gated repo...
+        reason = _hub_failure_reason(err)
+        raise ModelNotFoundError(
+            f"could not fetch {name} from the Hugging Face hub ({reason}); "
+            "without network, pass --model DIR pointing at a local BLIP-2 checkpoint directory"
+        ) from None
+
+
+def _hub_failure_reason(err: Exception) -> str:
+    from huggingface_hub import errors as hub_errors
+
+    if isinstance(err, (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled)):
+        return "no network, and not in the local Hugging Face cache"
+    if isinstance(err, hub_errors.RepositoryNotFoundError):
+        return "no such repository, or it is private"
+    if isinstance(err, hub_errors.GatedRepoError):
+        return "gated repository: log in with `hf auth login` after accepting its licence"
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from None
+
+
+def _hf_stage(hf_config: dict[str, Any]) -> int:
+    architectures = hf_config.get("architectures") or []
+    return 1 if any("Retrieval" in a for a in architectures) else 2
+
+
+# --------------------------------------------------------------------------- loading
+def load_model(
+    name_or_path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Load a blip2 or transformers BLIP-2 checkpoint with zero missing or unexpected keys.
+
+    ``dtype`` applies to the frozen parts (image encoder trunk, LLM); the Q-Former, queries, ``ln_vision``
+    and projection stay fp32, as BLIP-2 keeps them.
+    """
+    path = resolve_checkpoint(name_or_path)
+    if (path / CONFIG_FILENAME).exists():
+        config = Blip2ModelConfig.load(path)
+    elif (path / "config.json").exists():
+        hf_config = _read_json(path / "config.json")
+        if hf_config.get("model_type") != "blip-2":
+            raise CheckpointError(f"{path} holds a {hf_config.get('model_type')!r} model, not a BLIP-2 checkpoint")
+        config = _config_from_hf_dir(path, stage=_hf_stage(hf_config))
+    else:
+        raise CheckpointError(f"{path} is not a BLIP-2 checkpoint (no {CONFIG_FILENAME} or config.json)")
+
+    if config.has_transformers_equivalent and (path / "config.json").exists():
+        model = _load_via_transformers(path, config)
+    else:
+        model = _load_native(path, config)
+    _cast_frozen_parts(model, dtype)
+    model.to(device).eval()
+
+    tokenizer, qformer_tokenizer = _load_tokenizers(path, config)
+    return LoadedModel(
+        model=model,
+        config=config,
+        tokenizer=tokenizer,
+        image_processor=_load_image_processor(path, config),
+        qformer_tokenizer=qformer_tokenizer,
+        source=str(name_or_path),
+    )
+
+
+def _config_from_hf_dir(path: Path, stage: int) -> Blip2ModelConfig:
+    from transformers import Blip2Config
+
+    hf_config = Blip2Config.from_pretrained(path)
+    image_size = None
+    processor_file = path / "preprocessor_config.json"
+    if processor_file.exists():
+        size = _read_json(processor_file).get("size") or {}
+        image_size = size.get("height") if isinstance(size, dict) else size
+    config = Blip2ModelConfig.from_hf(hf_config, image_size=image_size)
+    config.stage = stage
+    if stage == 1:
+        config.text = None
+    return config
+
+
+def _check_keys(missing, unexpected, source: Path, allowed_missing: tuple[str, ...] = ()) -> None:
+    missing = [k for k in missing if not k.startswith(allowed_missing)]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys (e.g. {sorted(unexpected)[0]})")
+        raise CheckpointError(f"{source}: weights do not match the model: {'; '.join(parts)}")
+
+
+def _stage_class(config: Blip2ModelConfig):
+    if config.stage == 1:
+        from blip2cli.models.stage1 import Blip2Stage1Model
+
+        return Blip2Stage1Model
+    from blip2cli.models.stage2 import Blip2Stage2Model
+
+    return Blip2Stage2Model
+
+
+def _load_via_transformers(path: Path, config: Blip2ModelConfig):
+    """Let transformers read its own format (shards, tied weights), then adopt its modules."""
+    from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
+
+    hf_class = Blip2ForImageTextRetrieval if config.stage == 1 else Blip2ForConditionalGeneration
+    try:
+        hf_model, info = hf_class.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"cannot load weights from {path}: {str(err).splitlines()[0]}") from None
+    _check_keys(info["missing_keys"], info["unexpected_keys"], path)
+    if info.get("mismatched_keys"):
+        raise CheckpointError(f"{path}: weights with the wrong shape: {sorted(info['mismatched_keys'])[:3]}")
+
+    if config.stage == 2:
+        from blip2cli.models.stage2 import Blip2Stage2Model
+
+        return Blip2Stage2Model(
+            config,
+            vision_model=hf_model.vision_model,
+            qformer=hf_model.qformer,
+            language_projection=hf_model.language_projection,
+            language_model=hf_model.language_model,
+            query_tokens=hf_model.query_tokens.data,
+        )
+    model = _stage_class(config).from_config(config)
+    state = hf_model.state_dict()
+    extras_file = path / EXTRAS_FILENAME
+    if extras_file.exists():
+        state.update(load_file(extras_file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # A transformers retrieval checkpoint has no ITG head or temperature: those start fresh.
+    allowed = () if extras_file.exists() else tuple(model.EXTRA_STATE_PREFIXES)
+    _check_keys(missing, unexpected, path, allowed_missing=allowed)
+    return model
+
+
+def _load_native(path: Path, config: Blip2ModelConfig):
+    from transformers.initialization import no_init_weights
+
+    weights = path / WEIGHTS_FILENAME
+    if not weights.exists():
+        raise CheckpointError(f"{path} has no {WEIGHTS_FILENAME}")
+    with no_init_weights():
+        model = _stage_class(config).from_config(config)
+    try:
+        state = load_file(weights)
+        extras_file = path / EXTRAS_FILENAME
+        if extras_file.exists():
+            state.update(load_file(extras_file))
+    except Exception as err:  # safetensors raises its own error types for torn files
+        raise CheckpointError(f"cannot read weights in {path}: {err}") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    _check_keys(_drop_tied(model, missing), unexpected, path)
+    return model
+
+
+def _drop_tied(model, missing: list[str]) -> list[str]:
+    """Keys legitimately absent because they share storage with a saved key (tied LM heads)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, p in params.items():
+        if id(p) in seen:
+            tied.add(name)
+        seen.setdefault(id(p), name)
+    return [k for k in missing if k not in tied]
+
+
+def _cast_frozen_parts(model, dtype: torch.dtype | None) -> None:
+    if dtype is None or dtype == torch.float32:
+        return
+    from blip2cli.models.vision import trunk_parameters
+
+    for p in trunk_parameters(model.vision_model):
+        p.data = p.data.to(dtype)
+    if hasattr(model, "language_model"):
+        model.language_model.to(dtype)
+
+
+def _load_tokenizers(path: Path, config: Blip2ModelConfig):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as err:
+        raise CheckpointError(
+            f"no tokenizer found in {path} ({type(err).__name__}); a checkpoint directory must hold its tokenizer files"
+        ) from None
+    qformer_tokenizer = None
+    if (path / QFORMER_TOKENIZER_DIR).is_dir():
+        qformer_tokenizer = AutoTokenizer.from_pretrained(path / QFORMER_TOKENIZER_DIR)
+    if config.text is not None and not config.is_encoder_decoder:
+        tokenizer.padding_side = "left"  # batched generation continues each prompt from its last token
+    return tokenizer, qformer_tokenizer
+
+
+def _load_image_processor(path: Path, config: Blip2ModelConfig):
+    from transformers import BlipImageProcessor
+
+    if (path / "preprocessor_config.json").exists() or (path / "processor_config.json").exists():
+        try:
+            return BlipImageProcessor.from_pretrained(path)
+        except Exception:
+            pass
+    return make_image_processor(config)
+
+
+def make_image_processor(config: Blip2ModelConfig):
+    """BLIP-2's eval transform: square bicubic resize (no crop), CLIP mean/std."""
+    from transformers import BlipImageProcessor
+
+    return BlipImageProcessor(
+        size={"height": config.image_size, "width": config.image_size},
+        image_mean=list(config.image_mean),
+        image_std=list(config.image_std),
+        resample=3,  # PIL bicubic, as LAVIS blip_image_eval
+        do_convert_rgb=True,
+    )
+
+
+# --------------------------------------------------------------------------- saving
+def save_model(
+    model,
+    out_dir: str | os.PathLike,
+    tokenizer=None,
+    image_processor=None,
+    qformer_tokenizer=None,
+    require_transformers_format: bool = False,
+) -> Path:
+    """Write a checkpoint directory atomically (a temp directory renamed into place).
+
+    Stage-2 models whose encoder transformers can hold get ``<image>`` tokens and ``num_query_tokens``
+    in their processor, so transformers never silently ignores the image.
+    """
+    config: Blip2ModelConfig = model.config
+    out_dir = Path(out_dir)
+    if require_transformers_format and not config.has_transformers_equivalent:
+        raise CheckpointError(
+            f"cannot export: a {config.vision_kind!r} vision encoder has no lossless transformers equivalent "
+            "(Blip2VisionModel holds EVA-style ViTs only; CLIP ViT-L's ln_pre has no slot). "
+            "The blip2 checkpoint itself remains loadable with --model."
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        if config.has_transformers_equivalent:
+            _save_transformers_format(model, config, tmp, tokenizer)
+        else:
+            _save_state(model, tmp)
+        config.save(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if qformer_tokenizer is not None:
+            qformer_tokenizer.save_pretrained(tmp / QFORMER_TOKENIZER_DIR)
+        processor = image_processor or make_image_processor(config)
+        processor.save_pretrained(tmp)
+        if config.stage == 2 and config.has_transformers_equivalent and tokenizer is not None:
+            _save_blip2_processor(tmp, processor, tokenizer, config.num_query_tokens)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _split_extras(model) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    prefixes = tuple(getattr(model, "EXTRA_STATE_PREFIXES", ()))
+    state = model.state_dict()
+    extras = {k: v for k, v in state.items() if prefixes and k.startswith(prefixes)}
+    main = {k: v for k, v in state.items() if k not in extras}
+    return main, extras
+
+
+def _save_state(model, directory: Path) -> None:
+    main, extras = _split_extras(model)
+    save_file(_dedupe_shared(model, main), directory / WEIGHTS_FILENAME)
+    if extras:
+        save_file({k: v.contiguous() for k, v in extras.items()}, directory / EXTRAS_FILENAME)
+
+
+def _dedupe_shared(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Safetensors refuses tensors sharing memory: keep the first name of each tied parameter."""
+    tied = set(_drop_tied(model, list(state)))
+    return {k: v.detach().contiguous() for k, v in state.items() if k not in tied}
+
+
+def _save_transformers_format(model, config: Blip2ModelConfig, directory: Path, tokenizer) -> None:
+    from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
+
+    if config.stage == 2 and tokenizer is not None:
+        _ensure_image_token(model, config, tokenizer)
+    hf_config = config.to_hf()
+    hf_class = Blip2ForImageTextRetrieval if config.stage == 1 else Blip2ForConditionalGeneration
+    main, extras = _split_extras(model)
+    with torch.device("meta"):
+        hf_model = hf_class(hf_config)
+    missing, unexpected = hf_model.load_state_dict(main, strict=False, assign=True)
+    # Non-persistent buffers and tied copies are not in a state dict; anything else is a bug.
+    _check_keys(_drop_tied(hf_model, missing), unexpected, directory)
+    hf_model.tie_weights()
+    hf_model.save_pretrained(directory)
+    if extras:
+        save_file({k: v.detach().contiguous() for k, v in extras.items()}, directory / EXTRAS_FILENAME)
+
+
+def _ensure_image_token(model, config: Blip2ModelConfig, tokenizer) -> None:
+    """transformers needs an ``<image>`` id inside the LLM vocabulary to place the visual prompts."""
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
+    image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    vocab_rows = model.language_model.get_input_embeddings().weight.shape[0]
+    if image_token_index >= vocab_rows:
+        model.language_model.resize_token_embeddings(image_token_index + 1, mean_resizing=False)
+        config.text = {**config.text, "vocab_size": image_token_index + 1}
+    config.image_token_index = image_token_index
+
+
+def _save_blip2_processor(directory: Path, image_processor, tokenizer, num_query_tokens: int) -> None:
+    from transformers import Blip2Processor
+
+    processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=num_query_tokens)
+    processor.save_pretrained(directory)

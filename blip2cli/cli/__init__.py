@@ -1,0 +1,49 @@
+"""The ``blip2`` command line. Each subcommand lives in its own module and only parses, calls and prints."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from blip2cli import __version__
+from blip2cli.errors import Blip2Error
+
+app = typer.Typer(
+    name="blip2",
+    help="BLIP-2 from the command line: pretrain, evaluate, export and ask.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"blip2 {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """BLIP-2 from the command line."""
+
+
+# Subcommands register themselves on `app` when imported.
+from blip2cli.cli import ask as _ask  # noqa: E402,F401
+from blip2cli.cli import export as _export  # noqa: E402,F401
+
+
+def main() -> None:
+    """Console-script entry: user errors become one line on stderr and exit status 1, never a traceback."""
+    try:
+        app()
+    except Blip2Error as err:
+        print(f"blip2: error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("blip2: interrupted", file=sys.stderr)
+        sys.exit(130)

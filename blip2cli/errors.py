@@ -1,0 +1,17 @@
+"""User-facing errors: each carries a one-line message that the CLI prints instead of a traceback."""
+
+
+class Blip2Error(Exception):
+    """An error caused by the user's input or environment, explained in one line."""
+
+
+class ModelNotFoundError(Blip2Error):
+    pass
+
+
+class CheckpointError(Blip2Error):
+    pass
+
+
+class ImageError(Blip2Error):
+    pass

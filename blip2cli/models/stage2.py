@@ -1,0 +1,168 @@
+"""Stage 2: the Q-Former speaks to a frozen LLM through 32 soft visual prompts.
+
+image -> frozen ViT -> ln_vision -> Q-Former (queries only) -> ``language_projection`` -> prepended to
+the LLM's input embeddings (decoder-only) or encoder input (encoder-decoder). Trainable: queries,
+Q-Former, ``ln_vision``, projection. Frozen: ViT, LLM.
+
+Unlike transformers' ``Blip2ForConditionalGeneration`` we never need ``<image>`` placeholder ids: the
+visual prompts are concatenated in front of the text embeddings. The LLM sees exactly the same
+embedding sequence, so logits and generated tokens are identical (see tests/test_interop.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Blip2QFormerModel, PreTrainedModel
+
+from blip2cli.models.base import Blip2Base
+from blip2cli.models.config import Blip2ModelConfig
+from blip2cli.models.vision import build_vision_model
+
+IGNORE_INDEX = -100
+
+
+class Blip2Stage2Model(Blip2Base):
+    def __init__(
+        self,
+        config: Blip2ModelConfig,
+        vision_model: nn.Module,
+        qformer: Blip2QFormerModel,
+        language_projection: nn.Linear,
+        language_model: PreTrainedModel,
+        query_tokens: torch.Tensor | None = None,
+        train_vision: bool = False,
+        train_language_model: bool = False,
+    ):
+        super().__init__(config, vision_model, qformer, query_tokens, train_vision=train_vision)
+        if config.text is None:
+            raise ValueError("a stage-2 model needs a language model config (config.text)")
+        self.language_projection = language_projection
+        self.language_model = language_model
+        self.train_language_model = train_language_model
+        if not train_language_model:
+            for p in self.language_model.parameters():
+                p.requires_grad_(False)
+
+    @classmethod
+    def from_config(cls, config: Blip2ModelConfig, **kwargs) -> "Blip2Stage2Model":
+        """Random initialisation of every part (tests, benchmarks, and the skeleton weights load into)."""
+        qformer_config = config.qformer_config()
+        text_config = config.text_config()
+        auto = AutoModelForSeq2SeqLM if text_config.is_encoder_decoder else AutoModelForCausalLM
+        return cls(
+            config,
+            vision_model=build_vision_model(config.vision),
+            qformer=Blip2QFormerModel(qformer_config),
+            language_projection=nn.Linear(qformer_config.hidden_size, text_config.hidden_size),
+            language_model=auto.from_config(text_config),
+            **kwargs,
+        )
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not self.train_language_model:
+            self.language_model.eval()
+        return self
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return bool(self.language_model.config.is_encoder_decoder)
+
+    # ----------------------------------------------------------------- building blocks
+    def visual_prompts(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, NQ, d_llm) soft prompts in the LLM's dtype."""
+        image_embeds = self.image_features(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        queries = self.query_outputs(image_embeds)
+        prompts = self.language_projection(queries.to(self.language_projection.weight.dtype))
+        return prompts.to(self.language_model.get_input_embeddings().weight.dtype)
+
+    def _prepend_prompts(
+        self,
+        prompts: torch.Tensor,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        prompt_mask = torch.ones(prompts.shape[:2], dtype=torch.long, device=prompts.device)
+        if input_ids is None:
+            return prompts, prompt_mask
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        text_embeds = self.language_model.get_input_embeddings()(input_ids)
+        embeds = torch.cat([prompts, text_embeds.to(prompts.dtype)], dim=1)
+        return embeds, torch.cat([prompt_mask, attention_mask.to(prompt_mask.dtype)], dim=1)
+
+    # ----------------------------------------------------------------- training / scoring
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Logits, and the LM loss when ``labels`` are given.
+
+        Decoder-only: ``input_ids``/``labels`` cover the text after the visual prompts, ``labels`` aligned
+        with ``input_ids`` (-100 over prompt and padding); the query positions are masked here.
+        Encoder-decoder: ``input_ids`` is the encoder's text prefix, ``labels`` the decoder targets.
+        Returned logits cover the query positions too (decoder-only), as transformers' do.
+        """
+        prompts = self.visual_prompts(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        embeds, mask = self._prepend_prompts(prompts, input_ids, attention_mask)
+        if self.is_encoder_decoder:
+            out = self.language_model(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+                labels=labels,
+                return_dict=True,
+            )
+        else:
+            full_labels = None
+            if labels is not None:
+                ignore = torch.full(prompts.shape[:2], IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
+                full_labels = torch.cat([ignore, labels], dim=1)
+            out = self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=full_labels, return_dict=True)
+        result = {"logits": out.logits}
+        if labels is not None:
+            result["loss"] = out.loss
+        return result
+
+    # ----------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """Generated token ids only (never the prompt), for both LLM families.
+
+        Pass lengths as ``max_new_tokens``/``min_new_tokens``: they count generated tokens only, never the
+        visual prompt (the LAVIS ``max_length`` trap, spec section (c)). With no text prompt the text is the
+        LLM's start token, as in transformers and LAVIS.
+        """
+        if "max_length" in generate_kwargs or "min_length" in generate_kwargs:
+            raise ValueError("use max_new_tokens/min_new_tokens: max_length would count the visual prompt")
+        prompts = self.visual_prompts(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        if input_ids is None:
+            # An empty prompt tokenises to a single start token in both families: BOS for OPT-style LLMs,
+            # ``</s>`` for T5 (whose tokenizer appends EOS and whose converted configs set bos = eos = 1).
+            lm_config = self.language_model.config
+            start = lm_config.bos_token_id if lm_config.bos_token_id is not None else lm_config.eos_token_id
+            input_ids = torch.full((prompts.shape[0], 1), start, dtype=torch.long, device=prompts.device)
+        embeds, mask = self._prepend_prompts(prompts, input_ids, attention_mask)
+        output = self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
+        if self.is_encoder_decoder:
+            start = self.language_model.config.decoder_start_token_id
+            if output.shape[1] > 0 and bool((output[:, 0] == start).all()):
+                output = output[:, 1:]
+        return output

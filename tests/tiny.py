@@ -1,0 +1,130 @@
+"""Tiny random BLIP-2 parts built from configs (spec section (j)), shared by the tests.
+
+Nothing is downloaded: tokenizers are trained at import-free speed on CAPTIONS, models are random.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
+    Blip2QFormerConfig,
+    Blip2VisionConfig,
+    BlipImageProcessor,
+    OPTConfig,
+    T5Config,
+)
+
+from blip2cli.models.config import CLIP_MEAN, CLIP_STD
+from blip2cli.tokenizer_training import train_bert_tokenizer, train_opt_tokenizer, train_t5_tokenizer
+
+IMAGE_SIZE = 32
+NUM_QUERY_TOKENS = 4
+
+CAPTIONS = [
+    "a red circle on a blue background",
+    "two green squares near a yellow tree",
+    "a photo of a small brown dog",
+    "a large white cat sleeping on a sofa",
+    "question: what colour is the circle? answer: red",
+    "a man riding a bike down the street",
+    "three birds sitting on a wire",
+    "a plate of food with rice and vegetables",
+    "what is this? a picture of a red bus",
+    "an orange triangle above a purple square",
+]
+
+
+def vision_config(**overrides) -> Blip2VisionConfig:
+    values = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=IMAGE_SIZE, patch_size=8,
+    )
+    values.update(overrides)
+    return Blip2VisionConfig(**values)
+
+
+def qformer_config(vocab_size: int = 100, **overrides) -> Blip2QFormerConfig:
+    values = dict(
+        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, cross_attention_frequency=2,
+        encoder_hidden_size=32, use_qformer_text_input=True,
+    )
+    values.update(overrides)
+    return Blip2QFormerConfig(**values)
+
+
+def opt_tokenizer():
+    return train_opt_tokenizer(CAPTIONS * 4)
+
+
+def t5_tokenizer():
+    return train_t5_tokenizer(CAPTIONS * 4)
+
+
+def bert_tokenizer():
+    return train_bert_tokenizer(CAPTIONS * 4)
+
+
+def image_processor(size: int = IMAGE_SIZE) -> BlipImageProcessor:
+    return BlipImageProcessor(size={"height": size, "width": size}, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+
+
+def hf_blip2(family: str, tokenizer, seed: int = 0):
+    """A tiny transformers Blip2ForConditionalGeneration whose LM vocabulary covers ``tokenizer``
+    plus the processor's ``<image>`` token (added to ``tokenizer`` here, as Blip2Processor would)."""
+    if "<image>" not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    vocab = len(tokenizer)
+    if family == "opt":
+        newline = tokenizer.convert_tokens_to_ids("\u010a")  # byte-level "\n", OPT's end-of-caption token
+        text = OPTConfig(
+            vocab_size=vocab, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+            max_position_embeddings=64, word_embed_proj_dim=32,
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=newline,
+        )
+    elif family == "t5":
+        text = T5Config(
+            vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+            feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+            decoder_start_token_id=0, bos_token_id=1,
+        )
+    else:
+        raise ValueError(family)
+    config = Blip2Config(
+        vision_config=vision_config().to_dict(),
+        qformer_config=qformer_config(use_qformer_text_input=False).to_dict(),
+        text_config=text.to_dict(),
+        num_query_tokens=NUM_QUERY_TOKENS,
+        image_token_index=image_token,
+    )
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config).eval()
+    # Random init leaves the queries at zero; give them values so every query differs.
+    with torch.no_grad():
+        model.query_tokens.normal_(0, 0.02)
+    return model
+
+
+def save_hf_blip2(directory: Path, family: str, seed: int = 0) -> Path:
+    tokenizer = opt_tokenizer() if family == "opt" else t5_tokenizer()
+    model = hf_blip2(family, tokenizer, seed=seed)
+    if family == "opt":
+        tokenizer.padding_side = "left"
+    processor = Blip2Processor(image_processor(), tokenizer, num_query_tokens=NUM_QUERY_TOKENS)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def random_images(n: int, size: int = IMAGE_SIZE, seed: int = 0):
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size + 8, size + 3, 3), dtype=np.uint8)) for _ in range(n)]
