@@ -192,7 +192,7 @@ def _load_via_transformers(path: Path, config: Blip2ModelConfig):
     hf_class = Blip2ForImageTextRetrieval if config.stage == 1 else Blip2ForConditionalGeneration
     try:
         hf_model, info = hf_class.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as err:
+    except Exception as err:  # torn or foreign files surface as many error types (safetensors' own included)
         raise CheckpointError(f"cannot load weights from {path}: {str(err).splitlines()[0]}") from None
     _check_keys(info["missing_keys"], info["unexpected_keys"], path)
     if info.get("mismatched_keys"):
@@ -264,9 +264,15 @@ def _cast_frozen_parts(model, dtype: torch.dtype | None) -> None:
         model.language_model.to(dtype)
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "spiece.model", "tokenizer.model")
+
+
 def _load_tokenizers(path: Path, config: Blip2ModelConfig):
     from transformers import AutoTokenizer
 
+    # transformers 5 builds an empty tokenizer rather than failing when the files are absent.
+    if not any((path / name).exists() for name in _TOKENIZER_FILES):
+        raise CheckpointError(f"no tokenizer files in {path} (looked for {', '.join(_TOKENIZER_FILES)})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as err:

@@ -87,7 +87,7 @@ def _repl(assistant, picture, first_question, template, options) -> None:
 
     out = Console()
     history: list[tuple[str, str]] = []
-    out.print("[dim]Ask about the image. Empty line or /quit ends, /reset forgets the conversation, "
+    stderr.print("[dim]Ask about the image. Empty line or /quit ends, /reset forgets the conversation, "
               "/caption captions, /image PATH switches image.[/dim]", highlight=False)
     question = first_question
     while True:

@@ -9,7 +9,7 @@ Adjustments, all applied to the *config* so that ``language_model_spec`` carries
 - **OPT end of text is "\\n".** BLIP-2 trains OPT to end captions with "\\n" and stops generation on it
   (LAVIS ``blip2_opt.py``; the hub ``Salesforce/blip2-opt-*`` text configs store ``eos_token_id=50118``).
   The family is detected from ``config.model_type == "opt"``, not from the tokenizer: GPT-2-BPE models
-  (GPT-J, Pythia...) share OPT's vocabulary but not BLIP-2's convention. Other causal LMs keep their
+  (GPT-2, GPT-J) share OPT's vocabulary but not BLIP-2's convention. Other causal LMs keep their
   own EOS unless ``newline_eos=True``. ``end_token(model, tokenizer)`` gives the text to append to
   training captions so training and generation agree.
 - **T5 exact GELU.** FlanT5 (and T5 v1.1) configs say ``feed_forward_proj="gated-gelu"``, which
@@ -17,7 +17,7 @@ Adjustments, all applied to the *config* so that ``language_model_spec`` carries
   it with ``"gelu"`` (exact erf GELU) and transformers' BLIP-2 converter does the same, so the released
   FlanT5 BLIP-2 Q-Formers were trained against exact GELU. We therefore switch any gated-GELU T5-family
   config to ``"gelu"`` (``t5_exact_gelu=False`` keeps the stock activation). The numeric effect is small
-  (the two GELUs differ by < 1e-3) but it is needed for parity with LAVIS and hub checkpoints.
+  (the two GELUs differ by at most ~5e-4) but it is needed for parity with LAVIS and hub checkpoints.
   Original T5 (``"relu"``) is left alone.
 - **T5 ``bos_token_id``.** v5 ``T5Config`` has no such field, but transformers' Blip2 ``generate`` builds
   ``[<image>]*NQ + [bos]`` when given no text and fails without it. We set it to the EOS id (1), as the
@@ -146,12 +146,13 @@ def _prepare_tokenizer(tokenizer, config: PreTrainedConfig):
     return tokenizer
 
 
-def _sync_generation_config(model, tokenizer) -> None:
-    """A checkpoint's generation_config.json may still say eos </s>: make it follow the adjusted config."""
-    generation = model.generation_config
-    config = model.config
-    generation.eos_token_id = config.eos_token_id
-    if getattr(config, "bos_token_id", None) is not None:
+def _sync_generation_config(model, tokenizer, newline_eos: bool) -> None:
+    """A checkpoint's generation_config.json may still say eos </s>: make it follow the adjusted config.
+    EOS is only touched when we changed it (OPT "\\n"): other models may list several EOS ids there."""
+    generation, config = model.generation_config, model.config
+    if newline_eos:
+        generation.eos_token_id = config.eos_token_id
+    if generation.bos_token_id is None and getattr(config, "bos_token_id", None) is not None:
         generation.bos_token_id = config.bos_token_id
     if generation.pad_token_id is None:
         generation.pad_token_id = tokenizer.pad_token_id
@@ -183,6 +184,9 @@ def load_language_model(
 
     ``name_or_path``: a key of ``LLM_PRESETS``, a hub id or a local directory.
     ``dtype``: torch dtype or name ("fp16", "bfloat16"...); None/"auto" keeps the checkpoint's dtype.
+    (transformers keeps a few modules in fp32 regardless, e.g. T5's ``wo`` under fp16; LAVIS runs
+    FlanT5 in bf16, see ``LAVIS_DTYPES``.)
+    ``newline_eos``: None -> "\\n" ends text for OPT only; True/False forces it for a causal LM.
     Raises ``LanguageModelUnavailable`` (one line) when the files cannot be found.
     """
     name = str(name_or_path)
@@ -196,6 +200,9 @@ def load_language_model(
         tokenizer = AutoTokenizer.from_pretrained(target)
     except (OSError, ValueError) as error:
         raise _unavailable(name, target, error) from None
+    if newline_eos is None:
+        newline_eos = is_opt_family(config)
+    newline_eos = newline_eos and not config.is_encoder_decoder
     adjust_language_config(config, tokenizer, newline_eos=newline_eos, t5_exact_gelu=t5_exact_gelu)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     try:
@@ -203,7 +210,7 @@ def load_language_model(
     except OSError as error:
         raise _unavailable(name, target, error) from None
     _prepare_tokenizer(tokenizer, config)
-    _sync_generation_config(model, tokenizer)
+    _sync_generation_config(model, tokenizer, newline_eos)
     if device is not None:
         model.to(device)
     return freeze(model), tokenizer

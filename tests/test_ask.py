@@ -1,0 +1,84 @@
+"""`blip2 ask`: answers only on stdout, one-line errors for bad input, the interactive loop."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from blip2cli.cli import app, main
+from blip2cli.inference import conversation_prompt
+from tests import tiny
+
+
+def run_main(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["blip2", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "photo.jpg"
+    tiny.random_images(1)[0].save(path)
+    return path
+
+
+def test_answer_only_on_stdout(monkeypatch, capsys, hf_opt_dir, image_file):
+    code, out, _ = run_main(monkeypatch, capsys, "ask", str(image_file), "what is it?", "--model", str(hf_opt_dir),
+                            "--num-beams", "1", "--max-new-tokens", "3")
+    assert code in (0, None)
+    assert len(out.splitlines()) == 1 and out.strip()
+
+
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda d, img, tmp: ["ask", str(tmp / "missing.jpg"), "--model", str(d)], "image not found"),
+        (lambda d, img, tmp: ["ask", str(tmp / "text.jpg"), "--model", str(d)], "not an image"),
+        (lambda d, img, tmp: ["ask", str(tmp), "--model", str(d)], "directory, not an image"),
+        (lambda d, img, tmp: ["ask", str(img), "--model", str(tmp / "nowhere")], "no checkpoint directory"),
+        (lambda d, img, tmp: ["ask", str(img), "--model", str(tmp / "no-tokenizer")], "no tokenizer"),
+        (lambda d, img, tmp: ["ask", str(img), "--model", str(img)], "is a file"),
+        (lambda d, img, tmp: ["ask", str(img), "--model", "nobody/blip2-does-not-exist"], "--model DIR"),
+        (lambda d, img, tmp: ["ask", str(img), "--model", str(d), "--dtype", "float8"], "unknown dtype"),
+        (lambda d, img, tmp: ["ask", str(img), "q?", "--model", str(d), "--prompt-template", "Q:"], "has no '{}'"),
+    ],
+)
+def test_bad_input_gives_one_line(monkeypatch, capsys, tmp_path, hf_opt_dir, image_file, make_args, message):
+    (tmp_path / "text.jpg").write_text("this is not a jpeg")
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(hf_opt_dir, no_tokenizer)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (no_tokenizer / name).unlink()
+    code, out, err = run_main(monkeypatch, capsys, *make_args(hf_opt_dir, image_file, tmp_path))
+    assert code == 1
+    assert out == ""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("blip2: error:") and message in lines[0]
+    assert "Traceback" not in err
+
+
+def test_interactive_keeps_context(hf_opt_dir, image_file):
+    result = CliRunner().invoke(
+        app,
+        ["ask", str(image_file), "-i", "--model", str(hf_opt_dir), "--num-beams", "1", "--max-new-tokens", "2"],
+        input="what is it?\n/reset\nwhere?\n/caption\n\n",
+    )
+    assert result.exit_code == 0, result.output
+    # Two answers and a caption on stdout; the banner goes to stderr.
+    assert len(result.stdout.splitlines()) == 3, result.stdout
+
+
+def test_conversation_prompt():
+    template = "Question: {} Answer:"
+    assert conversation_prompt(template, "why?") == "Question: why? Answer:"
+    assert (
+        conversation_prompt(template, "and now?", [("what is it?", "a dog"), ("colour?", "brown")])
+        == "Question: what is it? Answer: a dog Question: colour? Answer: brown Question: and now? Answer:"
+    )
