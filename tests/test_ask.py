@@ -82,3 +82,28 @@ def test_conversation_prompt():
         conversation_prompt(template, "and now?", [("what is it?", "a dog"), ("colour?", "brown")])
         == "Question: what is it? Answer: a dog Question: colour? Answer: brown Question: and now? Answer:"
     )
+
+
+def test_image_urls(tmp_path, image_file):
+    """http(s) images are fetched; a 404 is a one-line error (loopback server only)."""
+    import functools
+    import http.server
+    import threading
+
+    from blip2cli.errors import ImageError
+    from blip2cli.images import load_image
+
+    shutil.copy(image_file, tmp_path / "photo.jpg")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        assert load_image(f"{base}/photo.jpg").size == tiny.random_images(1)[0].size
+        with pytest.raises(ImageError, match="cannot fetch"):
+            load_image(f"{base}/missing.jpg")
+    finally:
+        server.shutdown()
+        server.server_close()

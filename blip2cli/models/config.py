@@ -102,9 +102,9 @@ class Blip2ModelConfig:
     # ----------------------------------------------------------------- transformers interop
     @classmethod
     def from_hf(cls, hf_config: Blip2Config, image_size: int | None = None) -> "Blip2ModelConfig":
-        vision = _clean(hf_config.vision_config.to_dict())
-        qformer = _clean(hf_config.qformer_config.to_dict())
-        text = _clean(hf_config.text_config.to_dict()) if hf_config.text_config is not None else None
+        vision = clean_config_dict(hf_config.vision_config.to_dict())
+        qformer = clean_config_dict(hf_config.qformer_config.to_dict())
+        text = clean_config_dict(hf_config.text_config.to_dict()) if hf_config.text_config is not None else None
         return cls(
             vision={"kind": "eva", "config": vision},
             qformer=qformer,
@@ -138,6 +138,8 @@ class Blip2ModelConfig:
 _VOLATILE_KEYS = {"transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype"}
 
 
-def _clean(config_dict: dict[str, Any]) -> dict[str, Any]:
+def clean_config_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
     """Drop keys that describe a save event rather than the architecture."""
     return {k: v for k, v in config_dict.items() if k not in _VOLATILE_KEYS}
+
+_clean = clean_config_dict  # TEMP alias while parallel work lands; removed before commit

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedConfig
 
-from blip2cli.models.config import _clean
+from blip2cli.models.config import clean_config_dict
 
 # Short names for the LLMs BLIP-2 was released with. Anything else is passed through as a hub id or path.
 LLM_PRESETS: dict[str, str] = {
@@ -220,6 +220,6 @@ def language_model_spec(model_or_config) -> dict[str, Any]:
     """JSON-able config dict (``model_type`` included) from which ``AutoConfig.for_model`` rebuilds the
     LLM architecture with BLIP-2's adjustments; the format of ``Blip2ModelConfig.text``."""
     config = getattr(model_or_config, "config", model_or_config)
-    spec = _clean(config.to_dict())
+    spec = clean_config_dict(config.to_dict())
     spec["model_type"] = config.model_type
     return spec
