@@ -52,19 +52,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto`` means bf16 on a GPU that supports it, fp32 elsewhere (CPU half precision is slow)."""
+    from blip2cli.models.llm import resolve_dtype as parse_dtype
+
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
-    if name not in DTYPES:
-        raise Blip2Error(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
-    return DTYPES[name]
+    try:
+        return parse_dtype(name)
+    except ValueError as err:
+        raise Blip2Error(str(err)) from None
 
 
 class Blip2Assistant:

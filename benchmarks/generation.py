@@ -1,0 +1,131 @@
+"""blip2 vs transformers: generation and stage-2 training step, same weights, outputs checked identical.
+
+    python benchmarks/generation.py                    # tiny configs, CPU (seconds)
+    python benchmarks/generation.py --size real        # OPT-2.7B + ViT-g, random weights, bf16 on a GPU
+
+Both sides share one set of modules: transformers' ``Blip2ForConditionalGeneration`` is built from a
+config with random weights and ``Blip2Stage2Model`` adopts its parts, so any difference in speed comes
+from the code path, not the weights. Each case prints blip2's time, transformers' time and their ratio
+(> 1 means blip2 is faster); generated tokens must be identical or the script exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig  # noqa: E402
+
+from blip2cli.models.config import Blip2ModelConfig  # noqa: E402
+from blip2cli.models.stage2 import Blip2Stage2Model  # noqa: E402
+
+
+def build_config(size: str) -> Blip2Config:
+    if size == "real":
+        text = OPTConfig.from_dict(dict(
+            vocab_size=50272, hidden_size=2560, num_hidden_layers=32, ffn_dim=10240, num_attention_heads=32,
+            max_position_embeddings=2048, word_embed_proj_dim=2560, pad_token_id=1, bos_token_id=2, eos_token_id=50118,
+        ))
+        return Blip2Config(text_config=text.to_dict(), num_query_tokens=32, image_token_index=50265)
+    text = OPTConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+                     max_position_embeddings=128, word_embed_proj_dim=64, pad_token_id=1, bos_token_id=2, eos_token_id=3)
+    return Blip2Config(
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=64, patch_size=8),
+        qformer_config=dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=128, encoder_hidden_size=64),
+        text_config=text.to_dict(), num_query_tokens=8, image_token_index=299,
+    )
+
+
+def timed(fn, device, repeats: int) -> tuple[float, object]:
+    result = fn()  # warm-up (kernels, caches)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["tiny", "real"], default="tiny")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+    torch.manual_seed(0)
+    config = build_config(args.size)
+    hf = Blip2ForConditionalGeneration(config).to(device, dtype).eval()
+    ours = Blip2Stage2Model(
+        Blip2ModelConfig.from_hf(config), vision_model=hf.vision_model, qformer=hf.qformer,
+        language_projection=hf.language_projection, language_model=hf.language_model, query_tokens=hf.query_tokens.data,
+    ).eval()
+    nq, image_size = config.num_query_tokens, config.vision_config.image_size
+    bos, image_token = config.text_config.bos_token_id, config.image_token_index
+    prompts = {"caption": [bos], "vqa": [bos, 45, 46, 47, 48, 49, 50, 51, 52, 53]}  # fixed prompt ids
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"# {args.size} configs on {name}, {dtype}, median of {args.repeats}")
+    print(f"{'case':<34}{'blip2 s':>10}{'transformers s':>16}{'ratio':>8}  identical")
+    ok = True
+    for task, prompt in prompts.items():
+        for batch in (1, 32):
+            for beams in (1, 5):
+                pixel_values = torch.randn(batch, 3, image_size, image_size, device=device, dtype=dtype)
+                text_ids = torch.tensor([prompt] * batch, device=device)
+                hf_ids = torch.cat([torch.full((batch, nq), image_token, device=device), text_ids], dim=1)
+                kwargs = dict(num_beams=beams, max_new_tokens=10 if task == "vqa" else 30, min_new_tokens=1, do_sample=False)
+                with torch.inference_mode():
+                    t_ours, out_ours = timed(lambda: ours.generate(pixel_values, text_ids, **kwargs), device, args.repeats)
+                    t_hf, out_hf = timed(lambda: hf.generate(pixel_values=pixel_values, input_ids=hf_ids, **kwargs),
+                                         device, args.repeats)
+                same = torch.equal(out_ours, out_hf[:, hf_ids.shape[1]:])
+                ok &= same
+                case = f"generate {task} b{batch} beams{beams}"
+                print(f"{case:<34}{t_ours:>10.4f}{t_hf:>16.4f}{t_hf / t_ours:>8.2f}  {same}")
+
+    # Stage-2 training step: forward + backward through the trainable parts only.
+    batch = 8 if args.size == "real" else 4
+    pixel_values = torch.randn(batch, 3, image_size, image_size, device=device, dtype=dtype)
+    text_ids = torch.tensor([prompts["vqa"]] * batch, device=device)
+    hf_ids = torch.cat([torch.full((batch, nq), image_token, device=device), text_ids], dim=1)
+    hf_labels = hf_ids.masked_fill(hf_ids == image_token, -100)
+    for p in hf.language_model.parameters():
+        p.requires_grad_(False)
+
+    def step_ours():
+        loss = ours(pixel_values, text_ids, labels=text_ids)["loss"]
+        loss.backward()
+        return loss.detach()
+
+    def step_hf():
+        loss = hf(pixel_values=pixel_values, input_ids=hf_ids, labels=hf_labels).loss
+        loss.backward()
+        return loss.detach()
+
+    t_ours, loss_ours = timed(step_ours, device, args.repeats)
+    t_hf, loss_hf = timed(step_hf, device, args.repeats)
+    same = torch.allclose(loss_ours.float(), loss_hf.float(), atol=1e-3)
+    ok &= same
+    print(f"{'train step b' + str(batch):<34}{t_ours:>10.4f}{t_hf:>16.4f}{t_hf / t_ours:>8.2f}  {same}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
