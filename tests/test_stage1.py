@@ -25,8 +25,11 @@ def tok():
 
 
 def model_config(vocab_size: int, **qformer_overrides) -> Blip2ModelConfig:
+    # Blip2VisionConfig's initializer_range is 1e-10: a random ViT built from it outputs (almost) the same
+    # vector for every token of every image, and ln_vision maps that to ~0, so no image information would
+    # reach the Q-Former. 0.02 gives features that differ between images.
     return Blip2ModelConfig(
-        vision={"kind": "eva", "config": tiny.vision_config().to_dict()},
+        vision={"kind": "eva", "config": tiny.vision_config(initializer_range=0.02).to_dict()},
         qformer=tiny.qformer_config(vocab_size=vocab_size, **qformer_overrides).to_dict(),
         num_query_tokens=tiny.NUM_QUERY_TOKENS,
         image_text_hidden_size=16,

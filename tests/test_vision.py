@@ -169,6 +169,22 @@ def test_open_clip_timm_eva_tower_matches_eva_conversion():
         torch.testing.assert_close(trunk_features(hf, x), expected, atol=1e-6, rtol=0)
 
 
+def test_open_clip_local_weights_file(tmp_path):
+    torch.manual_seed(1)
+    clip = open_clip.create_model(TINY_VIT).eval()
+    path = tmp_path / "tiny.pt"
+    torch.save(clip.state_dict(), path)
+    encoder, spec = load_vision_encoder(f"open_clip:{TINY_VIT}:{path}", image_size=SIZE)
+    assert spec["pretrained"] == str(path) and spec["image_size"] == SIZE
+    x = images()
+    with torch.no_grad():
+        out = clip.visual.forward_intermediates(x, indices=[-2], output_fmt="NLC", output_extra_tokens=True, intermediates_only=True)
+        expected = torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
+        torch.testing.assert_close(trunk_features(encoder, x), expected, atol=0, rtol=0)
+    ours, theirs = rebuilt_features(encoder, spec, x)
+    assert torch.equal(ours, theirs)
+
+
 def test_open_clip_offline_fetch_is_one_clear_error():
     with pytest.raises(RuntimeError, match="could not fetch open_clip weights.*local file"):
         load_vision_encoder("clip-vit-l")

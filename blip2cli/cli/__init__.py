@@ -34,7 +34,9 @@ def _root(
 
 # Subcommands register themselves on `app` when imported.
 from blip2cli.cli import ask as _ask  # noqa: E402,F401
+from blip2cli.cli import download as _download  # noqa: E402,F401
 from blip2cli.cli import export as _export  # noqa: E402,F401
+from blip2cli.cli import recipes as _recipes  # noqa: E402,F401
 
 
 def main() -> None:

@@ -103,6 +103,7 @@ def eva_vision_config_from_timm(
     for convertibility, or a dict with ``embed_dim``, ``depth``, ``num_heads``, ``patch_size``, either
     ``intermediate_size`` or ``mlp_ratio``, and optionally ``img_size`` and ``layer_norm_eps`` (1e-6).
     ``image_size`` overrides the model's own resolution (the position grid is then interpolated).
+    Pass the full tower: on one already pruned to its penultimate block this would drop one block too many.
     """
     if isinstance(eva_model_or_dims, nn.Module):
         eva = _unwrap_timm_eva(eva_model_or_dims)

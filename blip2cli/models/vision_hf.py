@@ -112,9 +112,11 @@ def load_hf_vision_trunk(name_or_path: str, dtype: torch.dtype | None = None) ->
     except (OSError, ValueError) as err:
         if Path(name_or_path).exists():
             raise
+        from blip2cli.models.vision_open_clip import short_error
+
         raise RuntimeError(
-            f"could not fetch hf model {name_or_path!r} (no network and not in the HF cache: {type(err).__name__}); "
-            "pass a local directory instead, e.g. 'hf:/path/to/model'"
+            f"could not fetch hf model {name_or_path!r} ({short_error(err)}); "
+            "without network, pass a local directory instead: 'hf:/path/to/model'"
         ) from err
     if hasattr(model.config, "vision_config"):  # CLIPModel, SiglipModel...: a composite with a vision tower
         vision = getattr(model, "vision_model", None)

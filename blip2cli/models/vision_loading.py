@@ -86,7 +86,7 @@ def load_eva_vision_model(
     if weights is None:
         from blip2cli.models.vision_open_clip import fetch_open_clip_weights
 
-        weights = fetch_open_clip_weights(*EVA_OPEN_CLIP)
+        weights = fetch_open_clip_weights(*EVA_OPEN_CLIP, local_hint="eva-vit-g:/path/to/eva_weights.pth")
     return eva_vision_model_from_state_dict(read_state_dict(weights), config, dtype)
 
 

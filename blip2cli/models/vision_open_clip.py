@@ -220,17 +220,24 @@ def _create_pretrained(open_clip, name: str, pretrained: str, **kwargs):
     return open_clip.create_model(name, pretrained=pretrained, require_pretrained=True, **kwargs)
 
 
-def fetch_open_clip_weights(name: str, tag: str) -> str:
+def fetch_open_clip_weights(name: str, tag: str, local_hint: str | None = None) -> str:
     """Local path of the weights file for an open_clip ``name``/``tag`` (downloaded or from the cache)."""
     import open_clip
 
     try:
         path = open_clip.download_pretrained(open_clip.get_pretrained_cfg(name, tag))
     except Exception as err:
+        hint = local_hint or f"open_clip:{name}:/path/to/open_clip_model.safetensors"
         raise RuntimeError(
-            f"could not fetch open_clip weights {name}:{tag} (no network and not cached: {type(err).__name__}); "
-            f"pass a local file instead, e.g. 'open_clip:{name}:/path/to/open_clip_model.safetensors'"
+            f"could not fetch open_clip weights {name}:{tag} ({short_error(err)}); "
+            f"without network, pass a local file instead: {hint!r}"
         ) from err
     if not path:
         raise RuntimeError(f"open_clip has no download location for {name}:{tag}")
     return path
+
+
+def short_error(err: BaseException, limit: int = 160) -> str:
+    """``Type: first line of the message``, cut to ``limit`` characters, for one-line error messages."""
+    text = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

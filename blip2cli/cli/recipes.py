@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from blip2cli.cli import app
+from blip2cli.cli._common import stderr
+from blip2cli.errors import Blip2Error
+
+recipes_app = typer.Typer(
+    name="recipes",
+    help="List, show and copy the shipped TOML training recipes.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+app.add_typer(recipes_app, name="recipes")
+
+LIST_EXAMPLES = """
+Examples:
+
+  blip2 recipes list
+"""
+
+SHOW_EXAMPLES = """
+Examples:
+
+  blip2 recipes show pretrain_stage1_vitg                         # the resolved recipe, every key with its help
+
+  blip2 recipes show pretrain_stage1_vitg loss.itg=0 optim.betas=[0.9,0.999]   # with overrides applied
+
+  blip2 recipes show ./mine.toml --no-comments                    # a recipe file of your own, bare
+"""
+
+COPY_EXAMPLES = """
+Examples:
+
+  blip2 recipes copy pretrain_stage2_opt2.7b ./my_stage2.toml     # then: blip2 pretrain --recipe ./my_stage2.toml
+
+  blip2 recipes copy tiny_stage1 configs/                         # into a directory, keeping the name
+
+  blip2 recipes copy tiny_stage1 mine.toml --force                # overwrite
+"""
+
+
+@recipes_app.command("list", epilog=LIST_EXAMPLES)
+def list_command() -> None:
+    """Print a table of the shipped recipes."""
+    from blip2cli.recipes import list_recipes
+
+    table = Table(title="blip2 recipes", title_justify="left")
+    table.add_column("name", style="bold cyan", no_wrap=True)
+    table.add_column("stage / task", no_wrap=True)
+    table.add_column("vision / LLM")
+    table.add_column("description")
+    for info in list_recipes():
+        table.add_row(info.name, f"{info.stage} / {info.task}", f"{info.vision} / {info.llm or '-'}", info.description)
+    # A wide console: the table goes to stdout, and piping it should not wrap every description.
+    Console(width=max(Console().width, 160)).print(table)
+
+
+# ignore_unknown_options lets `--train.max_steps=10` through as an override, as torchtune/litgpt users type it.
+@recipes_app.command(
+    "show", epilog=SHOW_EXAMPLES, context_settings={"ignore_unknown_options": True, "allow_extra_args": False}
+)
+def show_command(
+    name: str = typer.Argument(..., help="A shipped recipe name (see `blip2 recipes list`) or a TOML file."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="section.key=value overrides, or ~section.key to reset."),
+    comments: bool = typer.Option(True, "--comments/--no-comments", help="Write each key's help line above it."),
+) -> None:
+    """Print the resolved recipe (file + overrides, validated) as TOML."""
+    from blip2cli.recipes import load_recipe, recipe_to_toml, resolve_recipe_path
+
+    recipe = load_recipe(name, overrides or [])
+    header = f"resolved from {resolve_recipe_path(name)}"
+    if overrides:
+        header += "\nwith overrides: " + " ".join(overrides)
+    print(recipe_to_toml(recipe, header=header, comments=comments), end="")
+
+
+@recipes_app.command("copy", epilog=COPY_EXAMPLES)
+def copy_command(
+    name: str = typer.Argument(..., help="A shipped recipe name (see `blip2 recipes list`)."),
+    dest: Path = typer.Argument(..., help="Destination file, or an existing directory to copy NAME.toml into."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite DEST if it exists."),
+) -> None:
+    """Copy a shipped recipe, comments and all, to edit it and pass it back with --recipe."""
+    from blip2cli.recipes import find_recipe
+
+    source = find_recipe(name)
+    target = dest / source.name if dest.is_dir() else dest
+    if target.exists() and not force:
+        raise Blip2Error(f"{target} already exists; pass --force to overwrite it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+    stderr.print(f"[green]copied[/green] {source.stem} -> {target}")

@@ -1,0 +1,226 @@
+"""Recipes: every shipped TOML validates, overrides are type-checked, the emitter round-trips, the CLI works."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+from typer.testing import CliRunner
+
+from blip2cli.cli import app
+from blip2cli.errors import Blip2Error
+from blip2cli.recipes import (
+    RECIPES_DIR,
+    Recipe,
+    apply_overrides,
+    find_recipe,
+    list_recipe_names,
+    list_recipes,
+    load_recipe,
+    recipe_from_dict,
+    recipe_to_toml,
+    schema,
+)
+
+SHIPPED = list_recipe_names()
+EXPECTED = {
+    "pretrain_stage1_vitg", "pretrain_stage1_vitl", "pretrain_stage2_opt2.7b", "pretrain_stage2_opt6.7b",
+    "pretrain_stage2_flant5xl", "pretrain_stage2_flant5xxl", "finetune_caption_coco", "finetune_vqa_vqav2",
+    "finetune_retrieval_coco", "tiny_stage1", "tiny_stage2_opt",
+}
+runner = CliRunner()
+
+
+def test_expected_recipes_are_shipped():
+    assert EXPECTED <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_recipe_validates_and_is_documented(name):
+    path = find_recipe(name)
+    load_recipe(name)  # raises on an unknown key, a wrong type or a bad value
+    text = path.read_text()
+    lines = text.splitlines()
+    assert lines[0].startswith("# ") and len(lines[0]) > 10, "first line: one-line description"
+    assert "blip2 " in text.split("\n\n", 1)[0], "header gives the launch command"
+    for line in lines:  # a comment on every key
+        if line and not line.startswith(("#", "[")):
+            assert "  # " in line, f"{name}: key without a comment: {line!r}"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_toml_round_trip(name):
+    recipe = load_recipe(name)
+    for comments in (True, False):
+        text = recipe_to_toml(recipe, header="a header\nline two", comments=comments)
+        assert recipe_from_dict(tomllib.loads(text)).validate() == recipe
+
+
+def test_round_trip_of_awkward_values():
+    recipe = apply_overrides(Recipe(), [
+        'model.prompt="quote \\" backslash \\\\ tab \\t é"', "model.llm=facebook/opt-2.7b", "optim.lr=3.5e-7",
+        "loss.temp_clamp=[0.001, 0.5]", 'data.shards=["a {0..3}.tar", "http://x/y.tar"]', "data.weights=[1, 2.5]",
+    ])
+    assert recipe_from_dict(tomllib.loads(recipe_to_toml(recipe))) == recipe
+
+
+def test_overrides_nested_and_typed():
+    recipe = load_recipe("pretrain_stage1_vitg", [
+        "optim.lr=2e-4", "--train.max_steps=10", "optim.warmup_steps=5", "loss.itg=0", "optim.betas=(0.9, 0.999)",
+        "model.vision=open_clip:ViT-L-14:openai", "data.shards=['/d/a.tar']", "train.compile=true", "optim.weight_decay=0",
+    ])
+    assert recipe.optim.lr == 2e-4 and recipe.train.max_steps == 10 and recipe.loss.itg == 0.0
+    assert recipe.optim.betas == (0.9, 0.999) and recipe.model.vision == "open_clip:ViT-L-14:openai"
+    assert recipe.data.shards == ["/d/a.tar"] and recipe.train.compile is True
+    assert isinstance(recipe.optim.weight_decay, float)  # an int widens to a float key
+    # ~key resets to the schema default (None = absent for optional keys)
+    assert load_recipe("pretrain_stage2_opt2.7b", ["model.init_from=x", "~model.init_from"]).model.init_from is None
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.max_steps=1.5", ["train.max_steps", "integer", "1.5"]),
+    ("train.compile=1", ["train.compile", "boolean", "1"]),
+    ("optim.lr=fast", ["optim.lr", "float", "fast"]),
+    ("optim.betas=[0.9]", ["optim.betas", "[float, float]", "[0.9]"]),
+    ("model.stage='1'", ["model.stage", "integer", '"1"']),
+    ("data.shards=a.tar", ["data.shards", "list of string"]),
+])
+def test_override_type_errors_are_one_line(override, words):
+    with pytest.raises(Blip2Error) as err:
+        load_recipe("tiny_stage1", [override])
+    message = str(err.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_unknown_override_key_suggests_closest():
+    with pytest.raises(Blip2Error, match=r"unknown recipe key 'optim.lrr'; did you mean optim.lr\b"):
+        load_recipe("tiny_stage1", ["optim.lrr=1"])
+    with pytest.raises(Blip2Error, match="did you mean optim.lr"):
+        load_recipe("tiny_stage1", ["train.lr=1"])  # right name, wrong section
+    with pytest.raises(Blip2Error, match="is not key=value"):
+        load_recipe("tiny_stage1", ["optim.lr"])
+
+
+def test_unknown_key_inside_a_file(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text(find_recipe("tiny_stage1").read_text().replace("max_steps =", "max_step ="))
+    with pytest.raises(Blip2Error, match=r"mine.toml: unknown recipe key 'train.max_step'; did you mean train.max_steps"):
+        load_recipe(path)
+    path.write_text("[optimm]\nlr = 1e-4\n")
+    with pytest.raises(Blip2Error, match="did you mean optim"):
+        load_recipe(path)
+    path.write_text("[train]\nmax_steps = '10'\n")
+    with pytest.raises(Blip2Error, match="train.max_steps expects integer"):
+        load_recipe(path)
+
+
+def test_value_checks():
+    with pytest.raises(Blip2Error, match="model.llm: stage 2 needs an LLM"):
+        load_recipe("pretrain_stage2_opt2.7b", ["~model.llm"])
+    with pytest.raises(Blip2Error, match="loss: itc, itm and itg are all 0"):
+        load_recipe("tiny_stage1", ["loss.itc=0", "loss.itm=0", "loss.itg=0"])
+    with pytest.raises(Blip2Error, match="data.global_batch_size"):
+        load_recipe("tiny_stage1", ["data.micro_batch_size=3"])
+    with pytest.raises(Blip2Error, match="train.precision"):
+        load_recipe("tiny_stage1", ["train.precision=fp8"])
+    with pytest.raises(Blip2Error, match="no recipe named 'tiny_stage3'; did you mean tiny_stage1"):
+        load_recipe("tiny_stage3")
+
+
+def test_every_schema_key_has_help():
+    recipe = Recipe()
+    for key in schema():
+        section, name = key.split(".")
+        field = type(getattr(recipe, section)).__dataclass_fields__[name]
+        assert field.metadata.get("help"), key
+
+
+@pytest.mark.parametrize("name, vision, batch", [("pretrain_stage1_vitg", "eva-vit-g", 1680),
+                                                ("pretrain_stage1_vitl", "clip-vit-l", 2320)])
+def test_paper_defaults_stage1(name, vision, batch):
+    r = load_recipe(name)
+    assert (r.model.stage, r.model.vision, r.model.llm, r.model.image_size) == (1, vision, None, 224)
+    assert r.optim.betas == (0.9, 0.98) and r.optim.weight_decay == 0.05
+    assert (r.optim.lr, r.optim.min_lr, r.optim.warmup_steps, r.optim.schedule) == (1e-4, 1e-5, 2000, "cosine")
+    assert r.train.max_steps == 250_000 and r.data.global_batch_size == batch
+    assert r.data.rrc_scale == (0.5, 1.0) and r.data.hflip and r.data.max_txt_len == 32
+    assert (r.loss.itc, r.loss.itm, r.loss.itg) == (1.0, 1.0, 1.0) and r.model.freeze_vision
+
+
+@pytest.mark.parametrize("name, llm, batch", [
+    ("pretrain_stage2_opt2.7b", "opt-2.7b", 1920), ("pretrain_stage2_opt6.7b", "opt-6.7b", 1920),
+    ("pretrain_stage2_flant5xl", "flant5-xl", 1520), ("pretrain_stage2_flant5xxl", "flant5-xxl", 1520),
+])
+def test_paper_defaults_stage2(name, llm, batch):
+    r = load_recipe(name)
+    assert (r.model.stage, r.model.llm, r.model.vision, r.model.image_size) == (2, llm, "eva-vit-g", 224)
+    assert r.optim.betas == (0.9, 0.98) and r.optim.weight_decay == 0.05
+    assert (r.optim.lr, r.optim.min_lr, r.optim.warmup_steps, r.optim.schedule) == (1e-4, 5e-5, 2000, "cosine")
+    assert r.train.max_steps == 80_000 and r.data.global_batch_size == batch
+    assert r.data.rrc_scale == (0.5, 1.0) and r.data.hflip
+    assert r.model.freeze_vision and r.model.freeze_llm
+
+
+def test_finetune_recipes():
+    cap = load_recipe("finetune_caption_coco")
+    assert (cap.model.task, cap.model.image_size, cap.model.prompt) == ("caption", 364, "a photo of")
+    assert not cap.model.freeze_vision and cap.model.vision_precision == "fp32"
+    assert (cap.optim.lr, cap.optim.warmup_steps) == (1e-5, 1000)
+    assert (cap.eval.num_beams, cap.eval.max_new_tokens, cap.eval.min_new_tokens) == (5, 30, 8)
+    vqa = load_recipe("finetune_vqa_vqav2")
+    assert vqa.model.qformer_text_input and vqa.model.freeze_llm and not vqa.model.freeze_vision
+    assert vqa.model.image_size == 490 and "unverified" in find_recipe("finetune_vqa_vqav2").read_text()
+    ret = load_recipe("finetune_retrieval_coco")
+    assert (ret.model.stage, ret.model.image_size, ret.eval.k_test) == (1, 364, 128)
+
+
+def test_recipes_are_package_data():
+    import blip2cli
+
+    assert RECIPES_DIR.parent == __import__("pathlib").Path(blip2cli.__file__).parent
+    assert {i.name for i in list_recipes()} == set(SHIPPED)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_list():
+    result = runner.invoke(app, ["recipes", "list"])
+    assert result.exit_code == 0, result.output
+    for name in ("pretrain_stage1_vitg", "tiny_stage2_opt", "finetune_vqa_vqav2"):
+        assert name in result.output
+    assert "retrieval" in result.output
+
+
+def test_cli_show_round_trips():
+    result = runner.invoke(app, ["recipes", "show", "pretrain_stage1_vitg", "loss.itg=0", "--optim.lr=2e-4"])
+    assert result.exit_code == 0, result.output
+    shown = recipe_from_dict(tomllib.loads(result.output)).validate()
+    assert shown == load_recipe("pretrain_stage1_vitg", ["loss.itg=0", "optim.lr=2e-4"])
+    assert shown.loss.itg == 0 and shown.optim.lr == 2e-4
+
+
+def test_cli_show_unknown_key():
+    result = runner.invoke(app, ["recipes", "show", "tiny_stage1", "optim.lrr=1"])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, Blip2Error) and "optim.lr" in str(result.exception)
+
+
+def test_cli_copy(tmp_path):
+    dest = tmp_path / "sub" / "mine.toml"
+    result = runner.invoke(app, ["recipes", "copy", "tiny_stage1", str(dest)])
+    assert result.exit_code == 0, result.output
+    assert dest.read_text() == find_recipe("tiny_stage1").read_text()
+    assert load_recipe(dest) == load_recipe("tiny_stage1")
+
+    dest.write_text("# mine\n")
+    result = runner.invoke(app, ["recipes", "copy", "tiny_stage1", str(dest)])
+    assert isinstance(result.exception, Blip2Error) and "--force" in str(result.exception)
+    assert dest.read_text() == "# mine\n"
+    result = runner.invoke(app, ["recipes", "copy", "tiny_stage1", str(dest), "--force"])
+    assert result.exit_code == 0 and dest.read_text() == find_recipe("tiny_stage1").read_text()
+
+    result = runner.invoke(app, ["recipes", "copy", "tiny_stage2_opt", str(tmp_path)])  # into a directory
+    assert result.exit_code == 0 and (tmp_path / "tiny_stage2_opt.toml").is_file()
