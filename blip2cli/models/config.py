@@ -141,5 +141,3 @@ _VOLATILE_KEYS = {"transformers_version", "_name_or_path", "architectures", "dty
 def clean_config_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
     """Drop keys that describe a save event rather than the architecture."""
     return {k: v for k, v in config_dict.items() if k not in _VOLATILE_KEYS}
-
-_clean = clean_config_dict  # TEMP alias while parallel work lands; removed before commit

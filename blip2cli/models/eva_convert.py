@@ -73,25 +73,28 @@ def _check_timm_eva(eva: nn.Module) -> None:
     if getattr(eva, "rope", None) is not None:
         problems.append("rotary position embeddings")
     if getattr(eva, "cls_token", None) is None or getattr(eva, "num_prefix_tokens", 1) != 1:
-        problems.append("exactly one class token and no register tokens")
+        problems.append("no class token or extra register tokens")
     if getattr(eva, "pos_embed", None) is None or getattr(eva, "no_embed_class", False):
-        problems.append("absolute position embeddings that include the class token")
+        problems.append("no absolute position embedding for the class token")
     if not isinstance(getattr(eva, "norm_pre", nn.Identity()), nn.Identity):
         problems.append("a norm before the blocks")
-    for i, block in enumerate(eva.blocks):
+    for block in eva.blocks:
         attn, mlp = block.attn, block.mlp
         if type(block) is not EvaBlock or block.gamma_1 is not None or block.gamma_2 is not None:
-            problems.append(f"block {i}: pre-norm block without layer scale")
+            problems.append("post-norm blocks or layer scale")
         if not isinstance(attn, EvaAttention) or attn.qkv is None or attn.q_bias is None:
-            problems.append(f"block {i}: fused qkv with separate q/v biases")
-        elif not all(isinstance(m, nn.Identity) for m in (attn.q_norm, attn.k_norm, attn.norm)) or attn.gate is not None:
-            problems.append(f"block {i}: plain attention (no qk-norm, inner norm or gate)")
+            problems.append("unfused qkv or no q/v biases")
+        elif attn.gate is not None or any(
+            not isinstance(m, nn.Identity) for m in (attn.q_norm, attn.k_norm, attn.norm)
+        ):
+            problems.append("qk-norm, an inner attention norm or gating")
         if type(mlp) is not Mlp or not isinstance(mlp.norm, nn.Identity):
-            problems.append(f"block {i}: plain fc1/fc2 MLP")
+            problems.append("a SwiGLU or normalised MLP")
         elif not (isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "none"):
-            problems.append(f"block {i}: exact GELU activation")
+            problems.append("an activation other than exact GELU")
     if problems:
-        raise ValueError("this EVA cannot be converted to Blip2VisionModel; it needs " + "; ".join(dict.fromkeys(problems)))
+        found = "; ".join(dict.fromkeys(problems))
+        raise ValueError(f"this EVA has no exact Blip2VisionModel form; it has {found}")
 
 
 def eva_vision_config_from_timm(
@@ -190,17 +193,15 @@ def convert_eva_state_dict(
         prefix = _find_prefix(state_dict)
     src = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
     used: set[str] = set()
+    out: dict[str, torch.Tensor] = {}
 
-    def take(key: str) -> torch.Tensor:
+    def take(key: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         if key not in src:
             raise KeyError(f"EVA state dict lacks {prefix}{key}")
         used.add(key)
+        if shape is not None and tuple(src[key].shape) != shape:
+            raise ValueError(f"{prefix}{key} has shape {tuple(src[key].shape)}, the config expects {shape}")
         return src[key]
-
-    def check(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"{prefix}{name} has shape {tuple(tensor.shape)}, config expects {shape}")
-        return tensor
 
     dim, inter, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     patch, grid = config.patch_size, config.image_size // config.patch_size
@@ -208,37 +209,41 @@ def convert_eva_state_dict(
     if depth not in (n, n + 1):
         raise ValueError(f"EVA state dict has {depth} blocks; a config with {n} layers needs {n + 1} (or {n})")
 
-    out: dict[str, torch.Tensor] = {}
-    out["embeddings.class_embedding"] = check("cls_token", take("cls_token"), (1, 1, dim))
+    out["embeddings.class_embedding"] = take("cls_token", (1, 1, dim))
     pos = take("pos_embed")
     if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != dim:
         raise ValueError(f"{prefix}pos_embed has shape {tuple(pos.shape)}, expected (1, 1 + grid^2, {dim})")
     out["embeddings.position_embedding"] = interpolate_pos_embed(pos, grid)
-    out["embeddings.patch_embedding.weight"] = check("patch_embed.proj.weight", take("patch_embed.proj.weight"), (dim, 3, patch, patch))
-    out["embeddings.patch_embedding.bias"] = check("patch_embed.proj.bias", take("patch_embed.proj.bias"), (dim,))
+    out["embeddings.patch_embedding.weight"] = take("patch_embed.proj.weight", (dim, 3, patch, patch))
+    out["embeddings.patch_embedding.bias"] = take("patch_embed.proj.bias", (dim,))
 
+    renames = [  # (timm name, HF name, shape) inside one block
+        ("norm1.weight", "layer_norm1.weight", (dim,)),
+        ("norm1.bias", "layer_norm1.bias", (dim,)),
+        ("attn.qkv.weight", "self_attn.qkv.weight", (3 * dim, dim)),
+        ("attn.proj.weight", "self_attn.projection.weight", (dim, dim)),
+        ("attn.proj.bias", "self_attn.projection.bias", (dim,)),
+        ("norm2.weight", "layer_norm2.weight", (dim,)),
+        ("norm2.bias", "layer_norm2.bias", (dim,)),
+        ("mlp.fc1.weight", "mlp.fc1.weight", (inter, dim)),
+        ("mlp.fc1.bias", "mlp.fc1.bias", (inter,)),
+        ("mlp.fc2.weight", "mlp.fc2.weight", (dim, inter)),
+        ("mlp.fc2.bias", "mlp.fc2.bias", (dim,)),
+    ]
     for i in range(n):
         s, t = f"blocks.{i}.", f"encoder.layers.{i}."
-        for a, b in (("norm1", "layer_norm1"), ("norm2", "layer_norm2")):
-            for p in ("weight", "bias"):
-                out[f"{t}{b}.{p}"] = check(f"{s}{a}.{p}", take(f"{s}{a}.{p}"), (dim,))
-        out[f"{t}self_attn.qkv.weight"] = check(f"{s}attn.qkv.weight", take(f"{s}attn.qkv.weight"), (3 * dim, dim))
-        q_bias, v_bias = take(f"{s}attn.q_bias"), take(f"{s}attn.v_bias")
-        if f"{s}attn.k_bias" in src:  # a non-persistent zero buffer in timm, but tolerate it when saved
+        for a, b, shape in renames:
+            out[t + b] = take(s + a, shape)
+        q_bias, v_bias = take(f"{s}attn.q_bias", (dim,)), take(f"{s}attn.v_bias", (dim,))
+        if f"{s}attn.k_bias" in src:  # a non-persistent zero buffer in timm; tolerate it when saved anyway
             if torch.count_nonzero(take(f"{s}attn.k_bias")):
                 raise ValueError(f"{prefix}{s}attn.k_bias is not zero; Blip2VisionModel's k bias is fixed at 0")
         out[f"{t}self_attn.qkv.bias"] = torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])
-        check(f"{s}attn.q/v_bias", out[f"{t}self_attn.qkv.bias"], (3 * dim,))
-        out[f"{t}self_attn.projection.weight"] = check(f"{s}attn.proj.weight", take(f"{s}attn.proj.weight"), (dim, dim))
-        out[f"{t}self_attn.projection.bias"] = check(f"{s}attn.proj.bias", take(f"{s}attn.proj.bias"), (dim,))
-        out[f"{t}mlp.fc1.weight"] = check(f"{s}mlp.fc1.weight", take(f"{s}mlp.fc1.weight"), (inter, dim))
-        out[f"{t}mlp.fc1.bias"] = check(f"{s}mlp.fc1.bias", take(f"{s}mlp.fc1.bias"), (inter,))
-        out[f"{t}mlp.fc2.weight"] = check(f"{s}mlp.fc2.weight", take(f"{s}mlp.fc2.weight"), (dim, inter))
-        out[f"{t}mlp.fc2.bias"] = check(f"{s}mlp.fc2.bias", take(f"{s}mlp.fc2.bias"), (dim,))
 
     last_block = f"blocks.{n}."
     leftovers = sorted(k for k in src if k not in used and not k.startswith(last_block) and not _DROPPED.match(k))
     if leftovers:
-        shown = ", ".join(prefix + k for k in leftovers[:8]) + (f" (+{len(leftovers) - 8} more)" if len(leftovers) > 8 else "")
-        raise ValueError(f"EVA weights with no Blip2VisionModel slot: {shown}")
+        more = f" (+{len(leftovers) - 8} more)" if len(leftovers) > 8 else ""
+        shown = ", ".join(prefix + k for k in leftovers[:8])
+        raise ValueError(f"EVA weights with no Blip2VisionModel slot: {shown}{more}")
     return {out_prefix + k: v for k, v in out.items()}

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
-from blip2cli.models.config import _clean
+from blip2cli.models.config import clean_config_dict
 
 LN_VISION_EPS = 1e-5  # LAVIS ln_vision is a default nn.LayerNorm
 
@@ -42,18 +42,21 @@ class HFVisionEncoder(nn.Module):
         width = getattr(config, "hidden_size", None)
         layers = getattr(config, "num_hidden_layers", None)
         if not isinstance(width, int) or not isinstance(layers, int):
-            raise ValueError(f"{type(trunk).__name__} is not a ViT-like model (needs integer hidden_size and num_hidden_layers)")
+            raise ValueError(
+                f"{type(trunk).__name__} is not a ViT-like model (needs integer hidden_size and num_hidden_layers)"
+            )
         if not -(layers + 1) <= feature_layer <= layers:
-            raise ValueError(f"feature_layer {feature_layer} out of range for {layers} layers (hidden_states has {layers + 1})")
+            raise ValueError(
+                f"feature_layer {feature_layer} out of range for {layers} layers (hidden_states has {layers + 1})"
+            )
         self.trunk = trunk
         self.feature_layer = feature_layer
         self.name_or_path = name_or_path
         native = getattr(config, "image_size", None)
         self.image_size = image_size or native
         # Models with fixed position tables (CLIP, SigLIP, ViT) resize them on request; DINOv2 always does.
-        self.interpolate_pos_encoding = bool(
-            native and self.image_size != native and "interpolate_pos_encoding" in inspect.signature(trunk.forward).parameters
-        )
+        accepts = "interpolate_pos_encoding" in inspect.signature(trunk.forward).parameters
+        self.interpolate_pos_encoding = bool(native and self.image_size != native and accepts)
         self.post_layernorm = nn.LayerNorm(width, eps=LN_VISION_EPS)
 
     @property
@@ -66,7 +69,7 @@ class HFVisionEncoder(nn.Module):
         return {
             "kind": "hf",
             "name_or_path": self.name_or_path,
-            "config": _clean(config.to_dict()),
+            "config": clean_config_dict(config.to_dict()),
             "feature_layer": self.feature_layer,
             "hidden_size": self.hidden_size,
             "image_size": self.image_size,
@@ -77,7 +80,9 @@ class HFVisionEncoder(nn.Module):
         out = self.trunk(pixel_values=pixel_values, output_hidden_states=True, return_dict=True, **kwargs)
         hidden = out.hidden_states[self.feature_layer]
         if hidden.ndim != 3:
-            raise ValueError(f"{type(self.trunk).__name__} hidden states have shape {tuple(hidden.shape)}, not (B, tokens, width)")
+            raise ValueError(
+                f"{type(self.trunk).__name__} hidden states have shape {tuple(hidden.shape)}, not (B, tokens, width)"
+            )
         return hidden
 
     @classmethod

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import Blip2VisionConfig, Blip2VisionModel
 
-from blip2cli.models.config import _clean
+from blip2cli.models.config import clean_config_dict
 from blip2cli.models.eva_convert import convert_eva_state_dict, eva_vit_g_config
 from blip2cli.models.vision import VISION_PRESETS
 
@@ -42,9 +42,12 @@ def load_vision_encoder(
     spec = _spec_from_name(name_or_spec, image_size) if isinstance(name_or_spec, str) else dict(name_or_spec)
     kind = spec.get("kind")
     if kind == "eva":
-        config = Blip2VisionConfig(**{"image_size": image_size, **spec["config"]}) if spec.get("config") else eva_vit_g_config(image_size)
+        if spec.get("config"):
+            config = Blip2VisionConfig(**{"image_size": image_size, **spec["config"]})
+        else:
+            config = eva_vit_g_config(image_size)
         model = load_eva_vision_model(spec.get("pretrained"), config, dtype)
-        spec = {"kind": "eva", "config": _clean(config.to_dict())}
+        spec = {"kind": "eva", "config": clean_config_dict(config.to_dict())}
     elif kind == "open_clip":
         from blip2cli.models.vision_open_clip import OpenClipVisionEncoder
 
@@ -69,7 +72,8 @@ def _spec_from_name(name: str, image_size: int) -> dict[str, Any]:
         model_name, _, pretrained = name[len("open_clip:"):].partition(":")
         if not model_name:
             raise ValueError("expected open_clip:MODEL[:PRETRAINED]")
-        return {"kind": "open_clip", "model_name": model_name, "pretrained": pretrained or None, "image_size": image_size}
+        pretrained = pretrained or None
+        return {"kind": "open_clip", "model_name": model_name, "pretrained": pretrained, "image_size": image_size}
     if name.startswith("hf:"):
         if not name[3:]:
             raise ValueError("expected hf:HUB_ID_OR_PATH")

@@ -102,15 +102,16 @@ class OpenClipVisionEncoder(nn.Module):
         if dtype is not None:
             visual.to(dtype)
 
-        image_size = visual.image_size
-        image_size = image_size[0] if isinstance(image_size, (tuple, list)) and image_size[0] == image_size[1] else image_size
+        image_size = visual.image_size  # an int or an (h, w) pair
+        if isinstance(image_size, (tuple, list)):
+            image_size = image_size[0] if image_size[0] == image_size[1] else list(image_size)
         resolved = {
             "kind": "open_clip",
             "model_name": name,
             "pretrained": pretrained,
             "force_quick_gelu": quick_gelu,
             "hidden_size": _tower_width(visual),
-            "image_size": image_size if isinstance(image_size, int) else list(image_size),
+            "image_size": image_size,
         }
         if model_config is not None:
             resolved["model_config"] = model_config
@@ -136,7 +137,9 @@ def resolve_quick_gelu(name: str, pretrained: str | None, model_config: dict, fo
         return bool(force) or arch_quick
     tag_quick = bool(tag.get("quick_gelu", False))
     if tag_quick and force is False and not arch_quick:
-        raise ValueError(f"{name}:{pretrained} weights were trained with QuickGELU; force_quick_gelu=False would degrade them")
+        raise ValueError(
+            f"{name}:{pretrained} weights were trained with QuickGELU; force_quick_gelu=False would degrade them"
+        )
     if not tag_quick and (arch_quick or force):
         raise ValueError(f"{name}:{pretrained} weights were trained with nn.GELU, not QuickGELU")
     if tag_quick and not arch_quick and not force:
@@ -155,7 +158,8 @@ def prune_to_penultimate(visual: nn.Module) -> None:
         if len(visual.transformer.resblocks) != blocks - 1 or not isinstance(visual.ln_post, nn.Identity):
             raise RuntimeError("open_clip prune_intermediate_layers did not drop the last block and ln_post")
         visual.attn_pool = visual.attn_pool_contrastive = None  # CoCa-style poolers, unused
-    elif isinstance(visual, TimmModel) and hasattr(visual.trunk, "blocks") and hasattr(visual.trunk, "num_prefix_tokens"):
+    elif isinstance(visual, TimmModel) and all(hasattr(visual.trunk, a) for a in ("blocks", "num_prefix_tokens")):
+        # timm ViT-like trunks (Eva, VisionTransformer); open_clip's wrapper has no prune method of its own
         blocks = len(visual.trunk.blocks)
         visual.trunk.prune_intermediate_layers(indices=[-2], prune_norm=True, prune_head=True)
         visual.head = nn.Identity()  # open_clip's projection after the timm trunk
@@ -215,7 +219,9 @@ def _create_pretrained(open_clip, name: str, pretrained: str, **kwargs):
         tag = open_clip.get_pretrained_cfg(name, pretrained)
         if not tag:
             tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
-            raise RuntimeError(f"open_clip {name}: {pretrained!r} is neither a known tag (known: {tags}) nor a local file")
+            raise RuntimeError(
+                f"open_clip {name}: {pretrained!r} is neither a known tag (known: {tags}) nor a local file"
+            )
         pretrained = fetch_open_clip_weights(name, pretrained)
     return open_clip.create_model(name, pretrained=pretrained, require_pretrained=True, **kwargs)
 

@@ -1,0 +1,240 @@
+"""Build the model a recipe describes: image encoder, Q-Former (from BERT), LLM, tokenizers.
+
+Names understood here (``[model]`` section of a recipe):
+
+- ``vision``: any name ``blip2cli.models.vision_loading.load_vision_encoder`` takes, or ``"tiny"``: a random
+  2-layer ViT (hidden 32, patch 8) built from a config, for tests and CPU demos.
+- ``qformer_init``: a BERT hub id or local directory (weights + vocabulary), or ``"tiny"``: a random
+  2-layer Q-Former whose WordPiece vocabulary is trained on the run's own captions.
+- ``llm``: any name ``blip2cli.models.llm.load_language_model`` takes, or ``"tiny-opt"`` / ``"tiny-t5"``:
+  random 2-layer LLMs with tokenizers trained on the run's captions.
+- ``init_from``: a stage-1 checkpoint (stage 2 starts from its ViT, ``ln_vision``, queries and Q-Former
+  query path) or a stage-2 checkpoint (fine-tuning continues from it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    Blip2QFormerConfig,
+    Blip2QFormerModel,
+    Blip2VisionConfig,
+    Blip2VisionModel,
+    OPTConfig,
+    T5Config,
+)
+
+from blip2cli.checkpoint import load_model
+from blip2cli.errors import Blip2Error
+from blip2cli.models.config import Blip2ModelConfig, clean_config_dict
+from blip2cli.models.llm import adjust_language_config, freeze, language_model_spec, load_language_model
+from blip2cli.models.qformer_text import ItgHead, init_qformer_from_bert
+from blip2cli.models.stage1 import Blip2Stage1Model, Stage1LossConfig, build_text_embeddings, transfer_to_stage2
+from blip2cli.models.stage2 import Blip2Stage2Model
+from blip2cli.recipes import Recipe
+from blip2cli.tokenizer_training import train_bert_tokenizer, train_opt_tokenizer, train_t5_tokenizer
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8)
+TINY_QFORMER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                    max_position_embeddings=64)
+TINY_LLM = dict(hidden_size=32, layers=2, heads=4, ffn=64)
+
+
+@dataclass
+class BuiltModel:
+    model: nn.Module
+    qformer_tokenizer: Any = None
+    llm_tokenizer: Any = None
+    sources: dict[str, Any] = field(default_factory=dict)  # where the frozen parts came from
+
+
+def build_model(recipe: Recipe, corpus: Sequence[str] = ()) -> BuiltModel:
+    """The model to train for ``recipe``. ``corpus`` (captions) trains the vocabularies of tiny models."""
+    if recipe.model.stage == 1:
+        return _stage1(recipe, corpus)
+    return _stage2(recipe, corpus)
+
+
+# --------------------------------------------------------------------------- parts
+def _vision(recipe: Recipe) -> tuple[nn.Module, dict[str, Any]]:
+    m = recipe.model
+    if m.vision == "tiny":
+        config = Blip2VisionConfig(**TINY_VISION, image_size=m.image_size)
+        return Blip2VisionModel(config).eval(), {"kind": "eva", "config": clean_config_dict(config.to_dict())}
+    from blip2cli.models.vision_loading import load_vision_encoder
+
+    dtype = PRECISIONS[m.vision_precision] if m.freeze_vision else torch.float32
+    try:
+        return load_vision_encoder(m.vision, image_size=m.image_size, dtype=dtype)
+    except (RuntimeError, OSError, ValueError) as err:
+        raise Blip2Error(f"cannot load image encoder {m.vision!r}: {str(err).splitlines()[0]}") from None
+
+
+def _qformer_from_bert(init: str, vision_width: int, corpus: Sequence[str]):
+    """(Blip2QFormerConfig, tokenizer with [DEC], BERT state dict or None) for stage-1-shaped Q-Formers."""
+    if init == "tiny":
+        if not corpus:
+            raise Blip2Error('qformer_init = "tiny" needs captions to train its vocabulary on; no data was found')
+        tokenizer = train_bert_tokenizer(corpus, vocab_size=400)
+        config = Blip2QFormerConfig(
+            vocab_size=len(tokenizer), **TINY_QFORMER, encoder_hidden_size=vision_width,
+            use_qformer_text_input=True, pad_token_id=tokenizer.pad_token_id,
+        )
+        return config, tokenizer, None
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(init)
+        bert = BertForMaskedLM.from_pretrained(init)
+    except Exception as err:
+        raise Blip2Error(f"cannot load the Q-Former's BERT {init!r}: {str(err).splitlines()[0]}") from None
+    if tokenizer.bos_token is None:
+        tokenizer.add_special_tokens({"bos_token": "[DEC]"})  # LAVIS init_tokenizer
+    b = bert.config
+    config = Blip2QFormerConfig(
+        vocab_size=len(tokenizer), hidden_size=b.hidden_size, num_hidden_layers=b.num_hidden_layers,
+        num_attention_heads=b.num_attention_heads, intermediate_size=b.intermediate_size, hidden_act=b.hidden_act,
+        hidden_dropout_prob=b.hidden_dropout_prob, attention_probs_dropout_prob=b.attention_probs_dropout_prob,
+        max_position_embeddings=b.max_position_embeddings, layer_norm_eps=b.layer_norm_eps,
+        pad_token_id=tokenizer.pad_token_id, encoder_hidden_size=vision_width, use_qformer_text_input=True,
+        cross_attention_frequency=2,
+    )
+    return config, tokenizer, bert.state_dict()
+
+
+def _loss_config(recipe: Recipe) -> Stage1LossConfig:
+    loss = recipe.loss
+    return Stage1LossConfig(
+        itc_weight=loss.itc, itm_weight=loss.itm, itg_weight=loss.itg,
+        itc_label_smoothing=loss.itc_label_smoothing, itg_label_smoothing=loss.itg_label_smoothing,
+        temp_clamp=tuple(loss.temp_clamp) if loss.temp_clamp else None, gather_with_grad=loss.gather_with_grad,
+        image_id_positives=loss.itc_same_image_positives,
+    )
+
+
+def _stage1(recipe: Recipe, corpus: Sequence[str]) -> BuiltModel:
+    m = recipe.model
+    if m.init_from:  # retrieval fine-tuning continues a stage-1 model
+        loaded = load_model(m.init_from)
+        if loaded.stage != 1:
+            raise Blip2Error(f"{m.init_from} is a stage-{loaded.stage} checkpoint; this recipe trains stage 1")
+        model = loaded.model
+        model.loss_config = _loss_config(recipe)
+        _set_vision_trainable(model, not m.freeze_vision)
+        return BuiltModel(model, qformer_tokenizer=loaded.tokenizer, sources={"init_from": m.init_from})
+    vision, vision_spec = _vision(recipe)
+    width = vision.post_layernorm.normalized_shape[0]
+    qformer_config, tokenizer, bert_state = _qformer_from_bert(m.qformer_init, width, corpus)
+    config = Blip2ModelConfig(
+        vision=vision_spec, qformer=clean_config_dict(qformer_config.to_dict()),
+        num_query_tokens=m.num_query_tokens, image_size=m.image_size, stage=1,
+    )
+    hidden = qformer_config.hidden_size
+    model = Blip2Stage1Model(
+        config,
+        vision_model=vision,
+        qformer=Blip2QFormerModel(qformer_config),
+        embeddings=build_text_embeddings(qformer_config),
+        vision_projection=nn.Linear(hidden, config.image_text_hidden_size),
+        text_projection=nn.Linear(hidden, config.image_text_hidden_size),
+        itm_head=nn.Linear(hidden, 2),
+        itg_head=ItgHead.from_qformer_config(qformer_config),
+        loss_config=_loss_config(recipe),
+        dec_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        temp=recipe.loss.temp_init,
+        train_vision=not m.freeze_vision,
+    )
+    if bert_state is not None:
+        init_qformer_from_bert(model, bert_state)
+    return BuiltModel(model, qformer_tokenizer=tokenizer, sources={"vision": m.vision, "qformer_init": m.qformer_init})
+
+
+def _tiny_llm(kind: str, corpus: Sequence[str]):
+    if not corpus:
+        raise Blip2Error(f'llm = "{kind}" needs captions to train its vocabulary on; no data was found')
+    t = TINY_LLM
+    if kind == "tiny-opt":
+        tokenizer = train_opt_tokenizer(corpus, vocab_size=500)
+        config = OPTConfig(
+            vocab_size=len(tokenizer), hidden_size=t["hidden_size"], num_hidden_layers=t["layers"], ffn_dim=t["ffn"],
+            num_attention_heads=t["heads"], max_position_embeddings=128, word_embed_proj_dim=t["hidden_size"],
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        auto = AutoModelForCausalLM
+    elif kind == "tiny-t5":
+        tokenizer = train_t5_tokenizer(corpus, vocab_size=300)
+        config = T5Config(
+            vocab_size=len(tokenizer), d_model=t["hidden_size"], d_kv=8, d_ff=t["ffn"], num_layers=t["layers"],
+            num_decoder_layers=t["layers"], num_heads=t["heads"], feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        )
+        auto = AutoModelForSeq2SeqLM
+    else:
+        raise Blip2Error(f"unknown tiny LLM {kind!r}; use tiny-opt or tiny-t5")
+    config = adjust_language_config(config, tokenizer)
+    model = auto.from_config(config)
+    freeze(model)
+    return model, tokenizer
+
+
+def _llm(recipe: Recipe, corpus: Sequence[str]):
+    m = recipe.model
+    if m.llm in ("tiny-opt", "tiny-t5"):
+        return _tiny_llm(m.llm, corpus)
+    try:
+        return load_language_model(m.llm, dtype=PRECISIONS[m.llm_precision])
+    except OSError as err:
+        raise Blip2Error(str(err).splitlines()[0]) from None
+
+
+def _stage2(recipe: Recipe, corpus: Sequence[str]) -> BuiltModel:
+    m = recipe.model
+    if m.init_from:
+        loaded = load_model(m.init_from)
+        if loaded.stage == 2:  # fine-tuning: everything comes from the checkpoint
+            _set_vision_trainable(loaded.model, not m.freeze_vision)
+            return BuiltModel(loaded.model, qformer_tokenizer=loaded.qformer_tokenizer,
+                              llm_tokenizer=loaded.tokenizer, sources={"init_from": m.init_from})
+        stage1, qformer_tokenizer = loaded.model, loaded.tokenizer
+        sources: dict[str, Any] = {"init_from": m.init_from, "llm": m.llm}
+    else:
+        # Stage 2 without stage 1 (the paper's Figure 5 ablation): a fresh, BERT-initialised Q-Former.
+        built = _stage1(recipe, corpus)
+        stage1, qformer_tokenizer = built.model, built.qformer_tokenizer
+        sources = {**built.sources, "llm": m.llm}
+    language_model, llm_tokenizer = _llm(recipe, corpus)
+    qformer_config = Blip2QFormerConfig(**{**stage1.qformer.config.to_dict(), "use_qformer_text_input": False})
+    config = Blip2ModelConfig(
+        vision=stage1.config.vision, qformer=clean_config_dict(qformer_config.to_dict()),
+        num_query_tokens=stage1.config.num_query_tokens, image_size=m.image_size,
+        text=language_model_spec(language_model), stage=2,
+    )
+    model = Blip2Stage2Model(
+        config,
+        vision_model=stage1.vision_model,
+        qformer=Blip2QFormerModel(qformer_config),
+        language_projection=nn.Linear(qformer_config.hidden_size, language_model.config.hidden_size),
+        language_model=language_model,
+        train_vision=not m.freeze_vision,
+    )
+    transfer_to_stage2(stage1, model)
+    return BuiltModel(model, qformer_tokenizer=qformer_tokenizer, llm_tokenizer=llm_tokenizer, sources=sources)
+
+
+def _set_vision_trainable(model, trainable: bool) -> None:
+    from blip2cli.models.vision import trunk_parameters
+
+    model.train_vision = trainable
+    for p in trunk_parameters(model.vision_model):
+        p.requires_grad_(trainable)

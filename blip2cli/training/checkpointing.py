@@ -1,0 +1,189 @@
+"""Training checkpoints: atomic, resumable, and small (trainable weights only).
+
+A run directory looks like::
+
+    RUN/
+      recipe.toml             the resolved recipe the run started with
+      metrics.jsonl           one JSON record per logged step
+      latest                  name of the newest complete checkpoint (replaced atomically)
+      step-00001000/          a training checkpoint
+        trainable.safetensors   every trainable parameter (plus the ITC temperature / ITG head)
+        optimizer.pt            AdamW state (tensors and numbers only: loaded with weights_only=True)
+        state.json              step, data position, grad-scaler state, frozen-weights manifest
+        rng.pt                  torch / CUDA / Python RNG states
+      final/                  a complete model checkpoint (``blip2 ask``, ``blip2 eval``, ``blip2 export``)
+
+Frozen weights (the image encoder and the LLM: most of the bytes) are not copied into step checkpoints.
+``state.json`` holds a manifest naming where they came from and a fingerprint of their values; resuming
+rebuilds them from the recipe and refuses to continue if the fingerprint differs (LAVIS #153, #114).
+
+A checkpoint is written into a temporary directory and renamed into place, and ``latest`` is replaced
+only after that: a kill during a save leaves the previous checkpoint as the latest, never a torn one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from blip2cli.errors import CheckpointError
+
+LATEST = "latest"
+STEP_PREFIX = "step-"
+
+
+def step_dir_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def frozen_fingerprint(model: nn.Module) -> str:
+    """A cheap fingerprint of the frozen weights: names, shapes, dtypes and float64 sums."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            continue
+        digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}:".encode())
+        digest.update(f"{p.detach().double().sum().item():.10e}|{p.detach().double().abs().sum().item():.10e}".encode())
+    return digest.hexdigest()
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write ``RUN/step-N`` atomically, point ``latest`` at it, then prune older step checkpoints."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / step_dir_name(step)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=run_dir))
+    try:
+        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        full_state = {**state, "step": step, "scaler": scaler.state_dict() if scaler is not None else None}
+        (tmp / "state.json").write_text(json.dumps(full_state, indent=2, sort_keys=True) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_atomically(run_dir / LATEST, final.name + "\n")
+    _prune(run_dir, keep_last, keep=final.name)
+    return final
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _prune(run_dir: Path, keep_last: int, keep: str) -> None:
+    if keep_last <= 0:
+        return
+    steps = sorted(p for p in run_dir.glob(f"{STEP_PREFIX}*") if p.is_dir())
+    for old in steps[:-keep_last]:
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint ``latest`` names, or None when the run has none."""
+    pointer = run_dir / LATEST
+    if not pointer.exists():
+        return None
+    candidate = run_dir / pointer.read_text().strip()
+    if not (candidate / "state.json").exists():
+        raise CheckpointError(f"{pointer} names {candidate.name}, which is missing or incomplete")
+    return candidate
+
+
+def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
+    """``None``/"never": start fresh. "auto": the run's latest checkpoint if any. Otherwise a path (a step
+    directory, or a run directory whose latest checkpoint is taken)."""
+    if resume in (None, "", "never"):
+        return None
+    if resume == "auto":
+        return find_checkpoint(run_dir) if run_dir.exists() else None
+    path = Path(resume)
+    if (path / "state.json").exists():
+        return path
+    if path.is_dir():
+        found = find_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"{path} holds no checkpoint to resume from")
+        return found
+    raise CheckpointError(f"cannot resume from {path}: not a checkpoint or run directory")
+
+
+def load_training_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    map_location: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Restore trainable weights, optimizer, scaler and RNG; return the saved state (step, data...)."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        weights = load_file(path / "trainable.safetensors", device=str(map_location))
+        optimizer_state = torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True)
+        rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+    expected = set(trainable_state(model))
+    if set(weights) != expected:
+        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise CheckpointError(
+            f"{path} does not match this model's trainable weights (missing {missing[:3]}, unexpected {extra[:3]}); "
+            "was the recipe changed?"
+        )
+    manifest = state.get("manifest", {})
+    fingerprint = manifest.get("frozen_fingerprint")
+    if fingerprint and fingerprint != frozen_fingerprint(model):
+        raise CheckpointError(
+            f"the frozen weights differ from those {path} was trained with ({manifest.get('frozen_sources')}); "
+            "resume with the same image encoder and LLM"
+        )
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(optimizer_state)
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    _set_rng_state(rng)
+    return state

@@ -1,0 +1,129 @@
+"""Process-group set-up under torchrun, and relaunching the current command under torchrun.
+
+With one process (no ``WORLD_SIZE`` in the environment) nothing here touches ``torch.distributed``:
+training runs on a CPU or a single GPU without a process group (LAVIS crashed there, #537).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> DistEnv:
+    """Read torchrun's environment; start a process group only when there is more than one process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda:
+        torch_device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(torch_device)
+    else:
+        torch_device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(minutes=30),
+            **({"device_id": torch_device} if use_cuda else {}),
+        )
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def mean_across_ranks(values: dict[str, float], env: DistEnv) -> dict[str, float]:
+    """Average scalars over ranks (for logging)."""
+    if not env.distributed or not values:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=env.device)
+    dist.all_reduce(tensor)
+    tensor /= env.world_size
+    return dict(zip(keys, tensor.tolist()))
+
+
+def sum_counts_across_ranks(counts: dict[str, int], env: DistEnv) -> dict[str, int]:
+    if not env.distributed:
+        return counts
+    gathered: list[dict[str, int]] = [{} for _ in range(env.world_size)]
+    dist.all_gather_object(gathered, counts)
+    total: dict[str, int] = {}
+    for part in gathered:
+        for key, value in part.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def relaunch_under_torchrun(
+    nproc_per_node: int,
+    nnodes: str = "1",
+    node_rank: int = 0,
+    rdzv_endpoint: str | None = None,
+    argv: list[str] | None = None,
+) -> int:
+    """Run ``python -m blip2cli <argv without launcher flags>`` under torchrun and return its exit code.
+
+    torchrun's own parser and launcher do the work (``torch.distributed.run``); nothing is scheduled here.
+    """
+    from torch.distributed.run import get_args_parser, run
+
+    args = [f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}", f"--node-rank={node_rank}"]
+    if rdzv_endpoint:
+        args += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
+    else:
+        args += ["--standalone"] if nnodes == "1" else []
+    args += ["-m", "blip2cli", *(argv if argv is not None else strip_launcher_flags(sys.argv[1:]))]
+    try:
+        run(get_args_parser().parse_args(args))
+    except Exception as err:  # torchrun raises ChildFailedError with the failing rank's details
+        print(f"blip2: error: a training process failed: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+LAUNCHER_FLAGS = {"--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-endpoint"}
+
+
+def strip_launcher_flags(argv: list[str]) -> list[str]:
+    """Drop the launcher flags (and their values) so the children do not relaunch themselves."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in LAUNCHER_FLAGS:
+            skip = "=" not in arg
+            continue
+        out.append(arg)
+    return out

@@ -1,0 +1,57 @@
+"""AdamW parameter groups and the step-based learning-rate schedule of the BLIP-2 paper."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from blip2cli.recipes import OptimSection
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices; never decay biases, norms or other 1-D/0-D tensors.
+
+    LAVIS's rule ("1-D or bias -> no decay") puts the 0-dim temperature and the (1, NQ, D) query tokens in
+    the *decay* group by accident of their shapes. We decide explicitly: the temperature is a scalar
+    hyper-parameter (no decay); the query tokens are embeddings, which BERT-style training does not
+    decay either.
+    """
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1 or name.endswith(".bias") or name.endswith("query_tokens") or name.endswith("temp"):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.AdamW:
+    groups = parameter_groups(model, optim.weight_decay)
+    # lr is set by the schedule before every step; the value here only seeds the groups.
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+
+
+def learning_rate(step: int, max_steps: int, optim: OptimSection) -> float:
+    """Linear warmup from ``warmup_start_lr`` to ``lr`` over ``warmup_steps``, then decay to ``min_lr``
+    at ``max_steps``, per optimizer step (LAVIS decays per epoch; the paper per step)."""
+    if optim.warmup_steps > 0 and step < optim.warmup_steps:
+        return optim.warmup_start_lr + (optim.lr - optim.warmup_start_lr) * step / optim.warmup_steps
+    if optim.schedule == "constant":
+        return optim.lr
+    span = max(1, max_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / span)
+    if optim.schedule == "linear":
+        return optim.lr + (optim.min_lr - optim.lr) * progress
+    return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
