@@ -130,14 +130,14 @@ def load_model(
     else:
         raise CheckpointError(f"{path} is not a BLIP-2 checkpoint (no {CONFIG_FILENAME} or config.json)")
 
+    tokenizer, qformer_tokenizer = _load_tokenizers(path, config)
     if config.has_transformers_equivalent and (path / "config.json").exists():
-        model = _load_via_transformers(path, config)
+        model = _load_via_transformers(path, config, tokenizer)
     else:
-        model = _load_native(path, config)
+        model = _load_native(path, config, tokenizer)
     _cast_frozen_parts(model, dtype)
     model.to(device).eval()
 
-    tokenizer, qformer_tokenizer = _load_tokenizers(path, config)
     return LoadedModel(
         model=model,
         config=config,
@@ -185,7 +185,21 @@ def _stage_class(config: Blip2ModelConfig):
     return Blip2Stage2Model
 
 
-def _load_via_transformers(path: Path, config: Blip2ModelConfig):
+def _skeleton(config: Blip2ModelConfig, tokenizer):
+    """The model class built from ``config``. A stage-1 model gets its ``[DEC]`` (the Q-Former tokenizer's
+    BOS) and pad ids, which ITG needs; without a ``[DEC]`` token it is built with ITG switched off."""
+    cls = _stage_class(config)
+    if config.stage != 1:
+        return cls.from_config(config)
+    from blip2cli.models.stage1 import Stage1LossConfig
+
+    dec = getattr(tokenizer, "bos_token_id", None)
+    loss_config = None if dec is not None else Stage1LossConfig(itg_weight=0.0)
+    return cls.from_config(config, loss_config=loss_config, dec_token_id=dec,
+                           pad_token_id=getattr(tokenizer, "pad_token_id", None))
+
+
+def _load_via_transformers(path: Path, config: Blip2ModelConfig, tokenizer=None):
     """Let transformers read its own format (shards, tied weights), then adopt its modules."""
     from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 
@@ -209,7 +223,7 @@ def _load_via_transformers(path: Path, config: Blip2ModelConfig):
             language_model=hf_model.language_model,
             query_tokens=hf_model.query_tokens.data,
         )
-    model = _stage_class(config).from_config(config)
+    model = _skeleton(config, tokenizer)
     state = hf_model.state_dict()
     extras_file = path / EXTRAS_FILENAME
     if extras_file.exists():
@@ -221,14 +235,14 @@ def _load_via_transformers(path: Path, config: Blip2ModelConfig):
     return model
 
 
-def _load_native(path: Path, config: Blip2ModelConfig):
+def _load_native(path: Path, config: Blip2ModelConfig, tokenizer=None):
     from transformers.initialization import no_init_weights
 
     weights = path / WEIGHTS_FILENAME
     if not weights.exists():
         raise CheckpointError(f"{path} has no {WEIGHTS_FILENAME}")
     with no_init_weights():
-        model = _stage_class(config).from_config(config)
+        model = _skeleton(config, tokenizer)
     try:
         state = load_file(weights)
         extras_file = path / EXTRAS_FILENAME
@@ -375,7 +389,7 @@ def _save_state(model, directory: Path) -> None:
 
 def _dedupe_shared(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Safetensors refuses tensors sharing memory: keep the first name of each tied parameter."""
-    tied = set(_drop_tied(model, list(state)))
+    tied = set(state) - set(_drop_tied(model, list(state)))  # _drop_tied returns the keys that are *not* tied
     return {k: v.detach().contiguous() for k, v in state.items() if k not in tied}
 
 

@@ -8,6 +8,7 @@ prepends ``</s>`` (decoder-only LLMs) and a T5-style sentencepiece unigram (enco
 from __future__ import annotations
 
 import tempfile
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,7 +23,18 @@ def train_bert_tokenizer(texts: Iterable[str], vocab_size: int = 200):
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(list(texts), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
+    # A deterministic vocabulary instead of WordPieceTrainer, whose merge ties (and so its token set and
+    # ids) change from run to run: every character, alone and as a "##" continuation, then whole words by
+    # frequency. Every process building it from the same captions gets identical ids.
+    counts: Counter[str] = Counter()
+    for text in texts:
+        normalized = tok.normalizer.normalize_str(text)
+        counts.update(word for word, _ in tok.pre_tokenizer.pre_tokenize_str(normalized))
+    chars = sorted({c for word in counts for c in word})
+    vocab = special + chars + [f"##{c}" for c in chars]
+    words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    vocab += words[: max(0, vocab_size - len(vocab))]
+    tok.model = models.WordPiece(vocab={t: i for i, t in enumerate(vocab)}, unk_token="[UNK]")
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]

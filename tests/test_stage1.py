@@ -93,6 +93,45 @@ def test_losses_finite_and_weights_switch_losses_off(tok):
         Stage1LossConfig(itc_weight=0.0, itm_weight=0.0, itg_weight=0.0)
 
 
+def test_bf16_autocast_forward_backward(tok):
+    pixels, ids, mask = batch(tok, n=4)
+    model = build(tok).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(pixels, ids, mask)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.values())
+    out["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_image_id_positives_option(tok):
+    pixels, ids, mask = batch(tok, n=4)
+    image_ids = torch.tensor([7, 7, 9, 9])
+    plain = build(tok).eval()
+    torch.manual_seed(0)
+    ref = plain(pixels, ids, mask)
+    torch.manual_seed(0)
+    ignored = plain(pixels, ids, mask, image_ids=image_ids)  # without the flag, image ids change nothing
+    assert all(torch.equal(ref[k], ignored[k]) for k in ref)
+
+    model = build(tok, image_id_positives=True).eval()
+    with pytest.raises(ValueError, match="image_ids"):
+        model(pixels, ids, mask)
+    torch.manual_seed(0)
+    out = model(pixels, ids, mask, image_ids=image_ids)
+    assert all(torch.isfinite(v) for v in out.values())
+    assert torch.allclose(out["loss_itg"], ref["loss_itg"])
+    with torch.no_grad():
+        itc = model.itc(model.image_features(pixels), ids, mask, image_ids)
+    assert torch.equal(out["loss_itc"], itc.loss)  # the soft-target maths is checked by hand above
+    same = image_ids[:, None] == image_ids[None, :]
+    for seed in range(20):
+        neg = sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, same, generator=torch.Generator().manual_seed(seed))
+        assert not bool(same[torch.arange(4), neg.image_index].any() or same[torch.arange(4), neg.text_index].any())
+    # every sample showing the same image: no negative at all, ITM falls back to the positives
+    weights_all_same = sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, torch.ones(4, 4, dtype=torch.bool))
+    assert not bool(weights_all_same.image_valid.any() or weights_all_same.text_valid.any())
+
+
 def test_temperature_clamp_option(tok):
     pixels, ids, mask = batch(tok, n=2)
     model = build(tok)
@@ -124,9 +163,11 @@ def test_multimodal_causal_mask_values():
     assert torch.all(mask[0, 0][allowed == 0] == torch.finfo(torch.float32).min)
 
 
-def test_itg_pass_is_multimodal_causal(tok):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_itg_pass_is_multimodal_causal(tok, attn):
     pixels, ids, mask = batch(tok, n=3)
     model = build(tok).eval()
+    model.qformer.set_attn_implementation(attn)  # eager adds the mask, sdpa passes it as attn_mask
     nq = model.num_query_tokens
     with torch.no_grad():
         image_embeds = model.image_features(pixels)
@@ -218,7 +259,9 @@ def test_itc_loss_matches_direct_computation():
         log_z = torch.logsumexp(torch.tensor(logits, dtype=torch.float64), 0).item()
         return -sum(q[c] * (logits[c] - log_z) for c in range(b))
 
-    manual = (sum(soft_ce(s[i], i) for i in range(b)) + sum(soft_ce([s[i][j] for i in range(b)], j) for j in range(b))) / (2 * b)
+    i2t_soft = sum(soft_ce(s[i], i) for i in range(b))
+    t2i_soft = sum(soft_ce([s[i][j] for i in range(b)], j) for j in range(b))
+    manual = (i2t_soft + t2i_soft) / (2 * b)
     assert shared.loss.item() == pytest.approx(manual, abs=1e-5)
 
     # B = 1 (no .squeeze() trap): a single column, loss 0 without smoothing
@@ -320,7 +363,8 @@ def test_init_from_bert_masked_lm(tok):
     word = after["embeddings.word_embeddings.weight"]
     assert torch.equal(word[:vocab], bert_sd["bert.embeddings.word_embeddings.weight"])
     assert torch.equal(word[vocab], before["embeddings.word_embeddings.weight"][vocab])  # [DEC] keeps its init
-    assert torch.equal(after["embeddings.position_embeddings.weight"], bert_sd["bert.embeddings.position_embeddings.weight"][:64])
+    bert_positions = bert_sd["bert.embeddings.position_embeddings.weight"]
+    assert torch.equal(after["embeddings.position_embeddings.weight"], bert_positions[:64])  # 128 -> our 64
     assert torch.equal(after["qformer.layernorm.weight"], bert_sd["bert.embeddings.LayerNorm.weight"])
     for i in range(2):
         q, b = f"qformer.encoder.layer.{i}.", f"bert.encoder.layer.{i}."
@@ -347,7 +391,9 @@ def test_init_from_bert_model_without_mlm_head(tok):
     model = build(tok)
     itg_before = {k: v.clone() for k, v in model.itg_head.state_dict().items()}
     report = init_qformer_from_bert(model, bert_sd)
-    assert sorted(report.unused) == ["embeddings.token_type_embeddings.weight", "pooler.dense.bias", "pooler.dense.weight"]
+    assert sorted(report.unused) == [
+        "embeddings.token_type_embeddings.weight", "pooler.dense.bias", "pooler.dense.weight"
+    ]
     assert {k for k in report.left_random if not k.startswith("itg_head.")} == {
         k for k in report.left_random if ".crossattention." in k
     }

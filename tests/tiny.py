@@ -128,3 +128,47 @@ def random_images(n: int, size: int = IMAGE_SIZE, seed: int = 0):
 
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (size + 8, size + 3, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40),
+           "white": (245, 245, 245), "black": (15, 15, 15)}
+
+
+def shape_image(fg: str, bg: str, size: int = IMAGE_SIZE):
+    """A square of colour ``fg`` on a ``bg`` background: images whose captions are learnable."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), COLOURS[bg])
+    ImageDraw.Draw(image).rectangle([size // 4, size // 4, 3 * size // 4, 3 * size // 4], fill=COLOURS[fg])
+    return image
+
+
+def write_shards(directory: Path, num_shards: int = 2, per_shard: int = 8, corrupt: int = 0) -> list[str]:
+    """Webdataset shards in img2dataset's layout ({key}.jpg/.txt/.json) of coloured-square images.
+
+    ``corrupt`` extra samples per shard carry bytes that are not an image.
+    """
+    import io
+    import itertools
+
+    import webdataset as wds
+
+    directory.mkdir(parents=True, exist_ok=True)
+    pairs = [(fg, bg) for fg, bg in itertools.permutations(COLOURS, 2)]
+    paths, index = [], 0
+    for shard in range(num_shards):
+        path = directory / f"{shard:05d}.tar"
+        with wds.TarWriter(str(path)) as sink:
+            for i in range(per_shard + corrupt):
+                key = f"{shard:05d}{i:04d}"
+                if i >= per_shard:
+                    sink.write({"__key__": key, "jpg": b"not a jpeg", "txt": "broken"})
+                    continue
+                fg, bg = pairs[index % len(pairs)]
+                index += 1
+                buffer = io.BytesIO()
+                shape_image(fg, bg).save(buffer, format="JPEG", quality=95)
+                caption = f"a {fg} square on a {bg} background"
+                sink.write({"__key__": key, "jpg": buffer.getvalue(), "txt": caption, "json": {"caption": caption}})
+        paths.append(str(path))
+    return paths

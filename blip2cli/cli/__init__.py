@@ -34,9 +34,13 @@ def _root(
 
 # Subcommands register themselves on `app` when imported.
 from blip2cli.cli import ask as _ask  # noqa: E402,F401
+from blip2cli.cli import demo as _demo  # noqa: E402,F401
+from blip2cli.cli import capfilt as _capfilt  # noqa: E402,F401
 from blip2cli.cli import download as _download  # noqa: E402,F401
+from blip2cli.cli import eval as _eval  # noqa: E402,F401
 from blip2cli.cli import export as _export  # noqa: E402,F401
 from blip2cli.cli import recipes as _recipes  # noqa: E402,F401
+from blip2cli.cli import train as _train  # noqa: E402,F401
 
 
 def main() -> None:

@@ -1,15 +1,16 @@
 """`blip2 download`: fetch data into the workspace.
 
-Implemented: ``blip2 download pretrain DATASET --url-list FILE`` (img2dataset -> webdataset shards).
-Not yet implemented: ``blip2 download eval TASK`` (official annotation files and images for vqav2,
-gqa, okvqa, coco Karpathy, nocaps, flickr30k into ``<root>/eval/<task>/``; see issue 4). It belongs
-in this sub-app, next to ``pretrain``.
+* ``blip2 download pretrain DATASET --url-list FILE``: img2dataset -> webdataset shards in
+  ``<root>/pretrain/<dataset>/`` (:mod:`blip2cli.data.download`).
+* ``blip2 download eval TASK``: official annotation files and images for vqav2, okvqa, gqa, coco
+  (Karpathy), coco_retrieval, nocaps and flickr30k into ``<root>/eval/<task>/`` with a
+  ``manifest.json`` that ``blip2 eval`` reads (:mod:`blip2cli.data.eval_download`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -19,7 +20,7 @@ from blip2cli.cli import app
 
 download_app = typer.Typer(
     name="download",
-    help="Download pretraining data (and, later, evaluation sets) into the workspace.",
+    help="Download pretraining data and evaluation sets into the workspace.",
     no_args_is_help=True,
 )
 app.add_typer(download_app, name="download")
@@ -88,3 +89,61 @@ def pretrain(
         table.add_row(f"  {reason[:80]}", str(n))
     table.add_row("seconds", f"{summary.seconds:.1f}")
     Console().print(table)  # the summary is the command's result: stdout
+
+
+EVAL_EXAMPLES = """
+Examples:
+
+  blip2 download eval vqav2                       # -> ./blip2-data/eval/vqav2/ (+ manifest.json)
+
+  blip2 download eval gqa --dry-run               # list the official files, fetch nothing
+
+  blip2 download eval coco --split test --delete-archives
+
+  blip2 download eval vqav2 --split val --split test-dev --out /data/vqav2
+
+  blip2 download eval okvqa --mirror http://mirror.lan/blip2-eval   # same file names, local mirror
+
+Tasks: vqav2, okvqa, gqa, coco, coco_retrieval (reuses coco's files), nocaps, flickr30k (images by
+licence form: the command says what to fetch and where to put it). Interrupted downloads resume.
+"""
+
+
+@download_app.command("eval", epilog=EVAL_EXAMPLES)
+def eval_(
+    task: str = typer.Argument(..., help="vqav2, okvqa, gqa, coco, coco_retrieval, nocaps or flickr30k."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <root>/eval/TASK)."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Workspace root (default: $BLIP2_HOME, else ./blip2-data)."),
+    split: Optional[List[str]] = typer.Option(None, "--split", help="Split to fetch (repeatable; default: the task's evaluation splits)."),
+    mirror: Optional[str] = typer.Option(None, "--mirror", help="Fetch every file as MIRROR/<file name> instead of the official URL."),
+    threads: int = typer.Option(16, "--threads", help="Parallel downloads for per-image sources (nocaps)."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds per request."),
+    retries: int = typer.Option(3, "--retries", help="Retries per file (each resumes where the last stopped)."),
+    delete_archives: bool = typer.Option(False, "--delete-archives", help="Delete archives once unpacked."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the files that would be fetched and exit."),
+) -> None:
+    """Download an evaluation set's official annotations and images, then write manifest.json."""
+    from blip2cli.cli._common import stderr
+    from blip2cli.data.eval_download import data_dir_for, download_eval, manual_instructions, plan
+
+    spec, splits, sources = plan(task, split)
+    out_dir, data_dir = data_dir_for(task, out, root)
+    if dry_run:
+        print(f"{task}: {spec.description}\nfiles -> {data_dir}")
+        for src in sources:
+            size = f"{src.size:,} bytes" if src.size else "size not published (checked against Content-Length)"
+            digest = "sha256" if src.sha256 else "md5" if src.md5 else "no published checksum"
+            into = src.dest + (f" ({', '.join(src.members)})" if src.members else "")
+            print(f"  {src.url}\n      {size}; {digest}; -> {into}")
+        if spec.image_list is not None:
+            print(f"+ every image listed in {spec.image_list.annotations} ({spec.image_list.url_key}) -> {spec.image_list.dest}/")
+        if spec.manual is not None:
+            print(manual_instructions(task, data_dir))
+        print(f"splits: {', '.join(splits)}; manifest: {out_dir / 'manifest.json'}")
+        return
+    result = download_eval(
+        task, out_dir, data_dir=data_dir, splits=splits, mirror=mirror, timeout=timeout, retries=retries,
+        threads=threads, delete_archives=delete_archives, console=stderr,
+    )
+    print(f"{task}: {', '.join(result.splits)} ready; {result.bytes_downloaded / 1e6:.1f} MB downloaded "
+          f"in {result.seconds:.1f} s; manifest {result.manifest}")

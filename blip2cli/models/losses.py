@@ -23,27 +23,56 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands every rank the sum of all ranks' gradients for its slice.
+
+    Deliberately not ``torch.distributed.nn.functional.all_gather`` (deprecated in torch 2.14): on gloo its
+    backward scatters into buffers laid out like the incoming gradients, which are non-contiguous here (the
+    einsum backward gives a transposed layout), and gloo's scatter writes non-contiguous tensors wrongly
+    (pytorch/pytorch#192920), so the gradients came out silently wrong (tests/test_itc_distributed.py).
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.contiguous()
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor)
+        ctx.rank, ctx.batch = dist.get_rank(), tensor.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        if grad.is_cuda:
+            # NCCL: reduce-scatter moves only each rank's own slice.
+            out = grad.new_empty((ctx.batch, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad)
+            return out
+        grad = grad.clone()  # all_reduce works in place; never modify the incoming gradient
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.batch : (ctx.rank + 1) * ctx.batch]
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """All-gather along dim 0 *with* autograd: the backward sums every rank's gradient for this rank's
-    slice, so (after DDP's gradient averaging) the result equals one big batch of B·W."""
-    rank, world = dist_info()
-    if world == 1:
+    slice, so (after DDP's gradient averaging) the result equals one big batch of B·W. Every rank must
+    pass the same shape."""
+    if dist_info()[1] == 1:
         return tensor
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(tensor), dim=0)
+    return _AllGatherWithGrad.apply(tensor)
 
 
 @torch.no_grad()
 def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     """All-gather along dim 0 as constants (LAVIS ``concat_all_gather``). With W = 1 the input itself is
     returned, gradient included, exactly as LAVIS does; with W > 1 every slice, the local one too, is a
-    constant, so a feature gets gradient only as the anchor of its own rows."""
-    rank, world = dist_info()
+    constant, so a feature gets gradient only as the anchor of its own rows. Same shape on every rank."""
+    world = dist_info()[1]
     if world == 1:
         return tensor
+    tensor = tensor.contiguous()
     parts = [torch.empty_like(tensor) for _ in range(world)]
-    dist.all_gather(parts, tensor.contiguous())
+    dist.all_gather(parts, tensor)
     return torch.cat(parts, dim=0)
 
 
@@ -54,8 +83,7 @@ def gather(tensor: torch.Tensor, with_grad: bool) -> torch.Tensor:
 def gather_padded(tensor: torch.Tensor, pad_value: int | float) -> torch.Tensor:
     """No-grad gather of (B, T, ...) tensors whose T may differ across ranks (dynamic padding): pad every
     rank's T to the global maximum on the right first. One extra tiny all-gather of the lengths."""
-    rank, world = dist_info()
-    if world == 1:
+    if dist_info()[1] == 1:
         return tensor
     length = torch.tensor([tensor.shape[1]], device=tensor.device)
     longest = int(gather_no_grad(length).max())
@@ -68,15 +96,20 @@ def gather_padded(tensor: torch.Tensor, pad_value: int | float) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- ITC
 class ItcOutput(NamedTuple):
     loss: torch.Tensor
-    sim_i2t: torch.Tensor  # (B, B·W) local images vs global texts, divided by the temperature, fp32
-    sim_t2i: torch.Tensor  # (B, B·W) local texts vs global images, divided by the temperature, fp32
+    sim_i2t: torch.Tensor  # (B, B·W) local images vs global texts, divided by the temperature (>= fp32)
+    sim_t2i: torch.Tensor  # (B, B·W) local texts vs global images, divided by the temperature (>= fp32)
     targets: torch.Tensor  # (B,) index of each local sample's positive among the B·W columns
 
 
 def query_max_similarity(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
     """BLIP-2's image-text similarity: (Ni, NQ, D) x (Nt, D) -> (Ni, Nt), the maximum over queries of the
-    dot products (cosine similarities for normalised features). Computed in fp32."""
-    return torch.einsum("iqd,td->itq", image_feats.float(), text_feats.float()).amax(dim=-1)
+    dot products (cosine similarities for normalised features). Computed in fp32 (or fp64)."""
+    return torch.einsum("iqd,td->itq", at_least_fp32(image_feats), at_least_fp32(text_feats)).amax(dim=-1)
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast fp16/bf16 to fp32 for loss math; leave fp32/fp64 alone."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def itc_loss(
@@ -98,11 +131,11 @@ def itc_loss(
     target row = (1 - ε)·pos/Σpos + ε/N with ε = ``label_smoothing``. With one positive per row this is
     exactly cross-entropy with label smoothing ε, the default path.
     """
-    rank, world = dist_info()
+    rank = dist_info()[0]
     batch = image_feats.shape[0]
     image_all = gather(image_feats, gather_with_grad)
     text_all = gather(text_feats, gather_with_grad)
-    temp = temp.float()
+    temp = at_least_fp32(temp)
     sim_i2t = query_max_similarity(image_feats, text_all) / temp  # (B, B·W)
     sim_t2i = query_max_similarity(image_all, text_feats).t() / temp  # (B, B·W)
     targets = torch.arange(batch, device=image_feats.device) + rank * batch
@@ -113,7 +146,7 @@ def itc_loss(
             + F.cross_entropy(sim_t2i, targets, label_smoothing=label_smoothing)
         )
     else:
-        positives = same_image(image_ids, gather_no_grad(image_ids)).float()
+        positives = same_image(image_ids, gather_no_grad(image_ids)).to(sim_i2t.dtype)
         soft = (1.0 - label_smoothing) * positives / positives.sum(dim=1, keepdim=True)
         soft = soft + label_smoothing / positives.shape[1]
         loss = 0.5 * (
@@ -132,11 +165,13 @@ def same_image(local_ids: torch.Tensor, global_ids: torch.Tensor) -> torch.Tenso
 class HardNegatives(NamedTuple):
     image_index: torch.Tensor  # (B,) for each local text, a negative image among the B·W gathered ones
     text_index: torch.Tensor  # (B,) for each local image, a negative text among the B·W gathered ones
-    image_valid: torch.Tensor  # (B,) bool: False where no negative image exists (drop that pair)
+    image_valid: torch.Tensor  # (B,) bool: False where no negative image exists (that pair gets weight 0)
     text_valid: torch.Tensor  # (B,) bool
 
 
-def negative_weights(sim: torch.Tensor, positives: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+def negative_weights(
+    sim: torch.Tensor, positives: torch.Tensor, eps: float = 1e-12
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampling weights ∝ softmax(sim) over the allowed columns, made safe for ``torch.multinomial``.
 
     LAVIS (#107) computes these in autocast precision with an unclamped temperature and gets inf/NaN.
@@ -170,7 +205,7 @@ def sample_hard_negatives(
     ``sim_i2t``/``sim_t2i`` are the (B, B·W) temperature-scaled similarities from ``itc_loss``;
     ``positives`` (B, B·W) bool marks the columns that must never be drawn (default: each sample's own
     column ``rank·B + k``; with image ids, every same-image column). Both directions are drawn in one
-    ``torch.multinomial`` call: no per-row loop, no host sync.
+    ``torch.multinomial`` call, instead of LAVIS's per-row Python loop with an ``.item()`` each.
     """
     batch, columns = sim_i2t.shape
     if positives is None:

@@ -208,6 +208,8 @@ def init_qformer_from_bert(target: Any, bert_state_dict: dict[str, torch.Tensor]
     report = BertInitReport()
     for raw_key, source in bert_state_dict.items():
         key = raw_key[len("bert.") :] if raw_key.startswith("bert.") else raw_key
+        # Original Google-converted checkpoints name LayerNorm parameters gamma/beta.
+        key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key))
         destinations: tuple[str, ...] = ()
         for pattern, replacements in _BERT_KEY_MAP:
             match = re.fullmatch(pattern, key)

@@ -30,6 +30,7 @@ from blip2cli.models.base import Blip2Base
 from blip2cli.models.config import Blip2ModelConfig
 from blip2cli.models.losses import (
     ItcOutput,
+    at_least_fp32,
     gather,
     gather_no_grad,
     gather_padded,
@@ -288,15 +289,18 @@ class Blip2Stage1Model(Blip2Base):
         labels = torch.cat(
             [torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)]
         ).to(input_ids.device)
-        weights = torch.cat([torch.ones_like(neg.image_valid), neg.image_valid, neg.text_valid]).float()
-
-        logits = self.itm_scores(pair_images, pair_ids, pair_mask)
-        per_pair = F.cross_entropy(logits.float(), labels, reduction="none")
+        logits = at_least_fp32(self.itm_scores(pair_images, pair_ids, pair_mask))
+        weights = torch.cat([torch.ones_like(neg.image_valid), neg.image_valid, neg.text_valid]).to(logits.dtype)
+        per_pair = F.cross_entropy(logits, labels, reduction="none")
         return (per_pair * weights).sum() / weights.sum()
 
-    def itg_loss(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def itg_loss(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """Image-grounded captioning: ``[DEC]`` replaces ``[CLS]``; every later token (``[SEP]`` included)
         is predicted from the queries and the earlier text."""
+        if self.dec_token_id is None:
+            raise ValueError("ITG needs dec_token_id (the [DEC] token that replaces [CLS])")
         decoder_ids = input_ids.clone()
         decoder_ids[:, 0] = self.dec_token_id
         labels = decoder_ids.masked_fill((attention_mask == 0) | (decoder_ids == self.pad_token_id), IGNORE_INDEX)
@@ -306,7 +310,7 @@ class Blip2Stage1Model(Blip2Base):
         hidden = self.joint_hidden(image_embeds, decoder_ids, mask)[:, self.num_query_tokens :, :]
         logits = self.itg_head(hidden, self.embeddings.word_embeddings.weight)
         # Shift: the output at position t predicts the token at t + 1.
-        logits = logits[:, :-1, :].float()
+        logits = at_least_fp32(logits[:, :-1, :])
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]),
             labels[:, 1:].reshape(-1),

@@ -7,7 +7,8 @@ Names understood here (``[model]`` section of a recipe):
 - ``qformer_init``: a BERT hub id or local directory (weights + vocabulary), or ``"tiny"``: a random
   2-layer Q-Former whose WordPiece vocabulary is trained on the run's own captions.
 - ``llm``: any name ``blip2cli.models.llm.load_language_model`` takes, or ``"tiny-opt"`` / ``"tiny-t5"``:
-  random 2-layer LLMs with tokenizers trained on the run's captions.
+  2-layer LLMs with tokenizers trained on the run's captions, pre-trained on those captions (text only,
+  ``text_pretraining``) and then frozen.
 - ``init_from``: a stage-1 checkpoint (stage 2 starts from its ViT, ``ln_vision``, queries and Q-Former
   query path) or a stage-2 checkpoint (fine-tuning continues from it).
 """
@@ -34,19 +35,28 @@ from transformers import (
 from blip2cli.checkpoint import load_model
 from blip2cli.errors import Blip2Error
 from blip2cli.models.config import Blip2ModelConfig, clean_config_dict
-from blip2cli.models.llm import adjust_language_config, freeze, language_model_spec, load_language_model
+from blip2cli.models.llm import adjust_language_config, end_token, freeze, language_model_spec, load_language_model
 from blip2cli.models.qformer_text import ItgHead, init_qformer_from_bert
 from blip2cli.models.stage1 import Blip2Stage1Model, Stage1LossConfig, build_text_embeddings, transfer_to_stage2
 from blip2cli.models.stage2 import Blip2Stage2Model
 from blip2cli.recipes import Recipe
 from blip2cli.tokenizer_training import train_bert_tokenizer, train_opt_tokenizer, train_t5_tokenizer
+from blip2cli.training.text_pretraining import pretrain_language_model
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8)
+# initializer_range: Blip2VisionConfig defaults to 1e-10 (weights always come from a checkpoint), which
+# would make a random tiny encoder map every image to nearly the same features.
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8,
+                   initializer_range=0.02)
+# A random tiny Q-Former differs from a real one (which starts from BERT) in two ways that stall learning:
+# with BERT's 0.02 init every image maps to almost the same query outputs (cosine ~0.9999), and dropout
+# noise is larger than that image signal. Larger init and no dropout let ITC learn within minutes.
 TINY_QFORMER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                    max_position_embeddings=64)
+                    max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                    initializer_range=0.3)
 TINY_LLM = dict(hidden_size=32, layers=2, heads=4, ffn=64)
+TINY_LLM_TEXT_STEPS = 200  # text-only pre-training steps of the tiny LLMs on the run's captions
 
 
 @dataclass
@@ -107,6 +117,9 @@ def _qformer_from_bert(init: str, vision_width: int, corpus: Sequence[str]):
         max_position_embeddings=b.max_position_embeddings, layer_norm_eps=b.layer_norm_eps,
         pad_token_id=tokenizer.pad_token_id, encoder_hidden_size=vision_width, use_qformer_text_input=True,
         cross_attention_frequency=2,
+        # The fresh parts (cross-attention, queries, heads) start at the BERT's own init scale (0.02 for real
+        # BERTs, so unchanged there); a narrow BERT may use a wider one (blip2 demo: see demo/unimodal.py).
+        initializer_range=b.initializer_range,
     )
     return config, tokenizer, bert.state_dict()
 
@@ -184,6 +197,8 @@ def _tiny_llm(kind: str, corpus: Sequence[str]):
         raise Blip2Error(f"unknown tiny LLM {kind!r}; use tiny-opt or tiny-t5")
     config = adjust_language_config(config, tokenizer)
     model = auto.from_config(config)
+    # BLIP-2 bridges a pre-trained LLM: give the tiny one its text-only pre-training before freezing it.
+    pretrain_language_model(model, tokenizer, corpus, steps=TINY_LLM_TEXT_STEPS, end_token=end_token(model, tokenizer))
     freeze(model)
     return model, tokenizer
 

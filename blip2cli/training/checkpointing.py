@@ -68,7 +68,7 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
@@ -156,7 +156,9 @@ def load_training_checkpoint(
     scaler: torch.amp.GradScaler | None,
     map_location: torch.device | str = "cpu",
 ) -> dict[str, Any]:
-    """Restore trainable weights, optimizer, scaler and RNG; return the saved state (step, data...)."""
+    """Restore trainable weights, optimizer and scaler; return the saved state (step, data...) with the RNG
+    states under ``"rng"``, for the caller to restore with ``restore_rng_state`` once the data pipeline is
+    built (building a DataLoader iterator draws from the global RNG)."""
     try:
         state = json.loads((path / "state.json").read_text())
         weights = load_file(path / "trainable.safetensors", device=str(map_location))
@@ -185,5 +187,5 @@ def load_training_checkpoint(
     optimizer.load_state_dict(optimizer_state)
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    _set_rng_state(rng)
+    state["rng"] = rng
     return state

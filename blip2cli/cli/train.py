@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from blip2cli.cli import app
+from blip2cli.cli._common import quiet_libraries, stderr
+
+PRETRAIN_EXAMPLES = """
+Examples:
+
+  blip2 pretrain --stage 1                                   # ViT-g, the workspace's shards, paper settings
+
+  blip2 pretrain --stage 1 --vision clip-vit-l loss.itg=0    # ViT-L, the paper's ITC+ITM ablation
+
+  blip2 pretrain --stage 2 --llm opt-2.7b                    # starts from the latest stage-1 run
+
+  blip2 pretrain --stage 1 --recipe tiny_stage1 data.shards='["shards/{00000..00003}.tar"]'
+
+  blip2 pretrain --stage 1 --nproc-per-node 8                # relaunches itself under torchrun
+
+  torchrun --nproc-per-node 8 -m blip2cli pretrain --stage 2 --llm flant5-xl
+"""
+
+FINETUNE_EXAMPLES = """
+Examples:
+
+  blip2 finetune caption --init-from Salesforce/blip2-opt-2.7b data.shards='["coco/{00000..00112}.tar"]'
+
+  blip2 finetune retrieval --init-from blip2-data/runs/pretrain_stage1_vitg/final --nproc-per-node 8
+"""
+
+LAUNCH_HELP = "Launch this many processes per node under torchrun (GPUs per node)."
+
+
+def _launch_options(nproc_per_node, nnodes, node_rank, rdzv_endpoint) -> bool:
+    """Relaunch under torchrun when asked; True when this process was the launcher (and is done)."""
+    if nproc_per_node is None or (nproc_per_node <= 1 and nnodes == "1"):
+        return False
+    from blip2cli.training.distributed import relaunch_under_torchrun
+
+    code = relaunch_under_torchrun(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
+    raise typer.Exit(code)
+
+
+def _run(plan, resume: str, dry_run: bool, device: str) -> None:
+    from blip2cli.training.loop import train
+
+    for note in plan.notes:
+        stderr.print(f"[yellow]{note}[/yellow]")
+    stderr.print(f"recipe {plan.recipe_name} -> {plan.run_dir} ({len(plan.shards)} shard(s))")
+    train(plan.recipe, plan.run_dir, plan.shards, resume=resume, dry_run=dry_run, device=device, console=stderr)
+
+
+@app.command(
+    epilog=PRETRAIN_EXAMPLES,
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": False},
+)
+def pretrain(
+    overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides, key.sub=value."),
+    stage: int = typer.Option(..., "--stage", min=1, max=2, help="1: ITC/ITM/ITG with a frozen image encoder; 2: frozen LLM."),
+    vision: Optional[str] = typer.Option(None, help="Image encoder: eva-vit-g, clip-vit-l, open_clip:..., hf:..."),
+    llm: Optional[str] = typer.Option(None, help="Stage 2: opt-2.7b, opt-6.7b, flant5-xl, flant5-xxl, a hub id or path."),
+    init_from: Optional[str] = typer.Option(None, help="Stage 2: the stage-1 checkpoint to start from [default: latest in workspace]."),
+    recipe: Optional[str] = typer.Option(None, help="Recipe name (`blip2 recipes list`) or TOML file [default: by stage/vision/llm]."),
+    out: Optional[Path] = typer.Option(None, help="Run directory [default: <workspace>/runs/<recipe>]."),
+    root: Optional[str] = typer.Option(None, help="Workspace root [default: $BLIP2_HOME or ./blip2-data]."),
+    resume: str = typer.Option("auto", help="auto (continue the run's latest checkpoint), never, or a checkpoint path."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Resolve, build, count parameters, load one batch, exit."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    nproc_per_node: Optional[int] = typer.Option(None, help=LAUNCH_HELP),
+    nnodes: str = typer.Option("1", help="Nodes (torchrun --nnodes)."),
+    node_rank: int = typer.Option(0, help="This node's rank (torchrun --node-rank)."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, help="host:port of the rendezvous (torchrun --rdzv-endpoint)."),
+) -> None:
+    """Pretrain BLIP-2: stage 1 (Q-Former representation learning) or stage 2 (frozen LLM)."""
+    quiet_libraries()
+    _launch_options(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
+    from blip2cli.training.launch import plan_pretrain
+
+    plan = plan_pretrain(stage, recipe, overrides or [], vision=vision, llm=llm, init_from=init_from, out=out, root=root)
+    _run(plan, resume, dry_run, device)
+
+
+@app.command(epilog=FINETUNE_EXAMPLES)
+def finetune(
+    task: str = typer.Argument(..., help="caption, vqa or retrieval."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides, key.sub=value."),
+    init_from: Optional[str] = typer.Option(None, help="Checkpoint to fine-tune (stage 2 for caption/vqa, stage 1 for retrieval)."),
+    recipe: Optional[str] = typer.Option(None, help="Recipe name or TOML file [default: the task's]."),
+    out: Optional[Path] = typer.Option(None, help="Run directory [default: <workspace>/runs/<recipe>]."),
+    root: Optional[str] = typer.Option(None, help="Workspace root."),
+    resume: str = typer.Option("auto", help="auto, never, or a checkpoint path."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Resolve, build, count parameters, load one batch, exit."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    nproc_per_node: Optional[int] = typer.Option(None, help=LAUNCH_HELP),
+    nnodes: str = typer.Option("1", help="Nodes (torchrun --nnodes)."),
+    node_rank: int = typer.Option(0, help="This node's rank."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, help="host:port of the rendezvous."),
+) -> None:
+    """Fine-tune a BLIP-2 checkpoint for captioning, VQA or retrieval."""
+    quiet_libraries()
+    _launch_options(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
+    from blip2cli.training.launch import plan_finetune
+
+    plan = plan_finetune(task, recipe, overrides or [], init_from, out=out, root=root)
+    _run(plan, resume, dry_run, device)
+

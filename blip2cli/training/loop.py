@@ -1,0 +1,303 @@
+"""The training loop shared by ``blip2 pretrain --stage 1|2`` and ``blip2 finetune``.
+
+One function, ``train``: set up (process group, model, optimizer, data, resume) -> loop over optimizer
+steps (gradient accumulation up to the global batch, mixed precision, clipping, schedule) -> checkpoints
+and metrics. It runs unchanged in one CPU process without ``torch.distributed`` and under torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from blip2cli.checkpoint import save_model
+from blip2cli.errors import Blip2Error
+from blip2cli.recipes import Recipe, recipe_to_toml
+from blip2cli.training.builders import BuiltModel, build_model
+from blip2cli.training.checkpointing import (
+    frozen_fingerprint,
+    load_training_checkpoint,
+    resolve_resume,
+    restore_rng_state,
+    save_training_checkpoint,
+)
+from blip2cli.training.distributed import DistEnv, init_distributed, mean_across_ranks, sum_counts_across_ranks
+from blip2cli.training.optim import build_optimizer, learning_rate, set_learning_rate
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_checkpoint: Path | None
+    steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)  # the metrics records of this process
+    parameter_counts: dict[str, int] = field(default_factory=dict)
+
+
+def train(
+    recipe: Recipe,
+    run_dir: Path,
+    shards: list[str],
+    resume: str | None = "auto",
+    dry_run: bool = False,
+    device: str = "auto",
+    console: Console | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train ``recipe`` on ``shards`` into ``run_dir``.
+
+    ``resume``: "auto" continues the run's latest checkpoint if there is one, "never" starts fresh, or a
+    checkpoint path. ``stop_after`` ends the process after that many optimizer steps of *this* invocation
+    (after saving a checkpoint), as an interrupted job would; used by tests and time-limited jobs.
+    """
+    env = init_distributed(device)
+    console = console or Console(stderr=True)
+    say = console.print if env.is_main else (lambda *a, **k: None)
+    torch.manual_seed(recipe.train.seed)  # identical initial weights on every rank
+    random.seed(recipe.train.seed)
+
+    from blip2cli.data.training import read_captions
+
+    corpus = read_captions(shards, limit=5000) if _needs_corpus(recipe) else []
+    built = build_model(recipe, corpus)
+    model = built.model.to(env.device)
+    counts = model.parameter_counts()
+    say(f"model: {counts['trainable']:,} trainable / {counts['frozen']:,} frozen parameters")
+
+    accumulation = _accumulation_steps(recipe, env)
+    optimizer = build_optimizer(model, recipe.optim)
+    amp_dtype = AMP_DTYPES.get(recipe.train.precision)
+    if amp_dtype is torch.bfloat16 and env.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        amp_dtype = torch.float16  # bf16 where supported, fp16 with loss scaling otherwise
+    scaler = torch.amp.GradScaler(env.device.type) if amp_dtype is torch.float16 else None
+    manifest = {"frozen_sources": built.sources, "frozen_fingerprint": frozen_fingerprint(model)}
+
+    start_step, rng_state = 0, None
+    resume_from = resolve_resume(resume, run_dir)
+    if resume_from is not None:
+        state = load_training_checkpoint(resume_from, model, optimizer, scaler, map_location=env.device)
+        start_step, rng_state = int(state["step"]), state["rng"]
+        say(f"resumed from {resume_from} at step {start_step}")
+    elif env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.toml").write_text(recipe_to_toml(recipe))
+
+    loader = _train_loader(recipe, shards, env, skip_batches=start_step * accumulation)
+    batches = iter(loader)
+    trained = _wrap(model, recipe, env)
+    batcher = TextBatcher(recipe, built)
+    if rng_state is not None:
+        restore_rng_state(rng_state)  # last, so the RNG stream continues exactly where the checkpoint left it
+
+    if dry_run:
+        batch = next(batches)
+        inputs = batcher(batch, step=start_step, device=env.device)
+        say(f"dry run: one batch of {batch['pixel_values'].shape[0]} images loaded; "
+            f"{accumulation} micro-batches of {recipe.data.micro_batch_size} per step on {env.world_size} process(es)")
+        return TrainResult(run_dir, None, start_step, parameter_counts=counts)
+
+    history: list[dict[str, Any]] = []
+    skipped_total: dict[str, int] = {}
+    metrics_file = run_dir / "metrics.jsonl"
+    step = start_step
+    last_log_time, samples_since_log = time.perf_counter(), 0
+    steps_this_run = 0
+    model.train()
+    try:
+        while step < recipe.train.max_steps:
+            lr = learning_rate(step, recipe.train.max_steps, recipe.optim)
+            set_learning_rate(optimizer, lr)
+            sums: dict[str, float] = {}
+            for micro in range(accumulation):
+                batch = next(batches)
+                for reason, n in batch.get("skipped", {}).items():
+                    skipped_total[reason] = skipped_total.get(reason, 0) + n
+                inputs = batcher(batch, step=step * accumulation + micro, device=env.device)
+                sync = micro == accumulation - 1 or not env.distributed
+                with (nullcontext() if sync else trained.no_sync()):
+                    with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        out = trained(**inputs)
+                    loss = out["loss"] / accumulation
+                    (scaler.scale(loss) if scaler else loss).backward()
+                for key, value in out.items():
+                    if key.startswith("loss"):
+                        sums[key] = sums.get(key, 0.0) + float(value.detach()) / accumulation
+                samples_since_log += batch["pixel_values"].shape[0] * env.world_size
+            if not all(math.isfinite(v) for v in sums.values()):
+                raise Blip2Error(f"non-finite loss at step {step}: {sums}; lower optim.lr or use train.precision=bf16")
+            if scaler:
+                scaler.unscale_(optimizer)
+            grad_norm = None
+            if recipe.optim.grad_clip > 0:
+                params = [p for p in model.parameters() if p.requires_grad]
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, recipe.optim.grad_clip))
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            steps_this_run += 1
+
+            if step % recipe.train.log_every == 0 or step == recipe.train.max_steps:
+                now = time.perf_counter()
+                record = {"step": step, "lr": lr, **mean_across_ranks(sums, env)}
+                record["samples_per_s"] = samples_since_log / max(now - last_log_time, 1e-9)
+                if grad_norm is not None:
+                    record["grad_norm"] = grad_norm
+                skipped = sum_counts_across_ranks(skipped_total, env)
+                if skipped:
+                    record["skipped"] = skipped
+                if env.device.type == "cuda":
+                    record["peak_memory_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
+                history.append(record)
+                if env.is_main:
+                    with metrics_file.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    say(_format_record(record, recipe.train.max_steps), highlight=False)
+                last_log_time, samples_since_log = now, 0
+
+            at_save = recipe.train.save_every and step % recipe.train.save_every == 0
+            stopping = stop_after is not None and steps_this_run >= stop_after
+            if (at_save or stopping) and step < recipe.train.max_steps:
+                _save_step(run_dir, step, model, optimizer, scaler, manifest, accumulation, recipe, env)
+            if stopping and step < recipe.train.max_steps:
+                say(f"stopped after step {step}; continue with --resume auto")
+                return TrainResult(run_dir, None, step, history, counts)
+    except KeyboardInterrupt:
+        # No lost work: keep what the finished steps learned, then let the interrupt propagate.
+        if step > start_step:
+            path = _save_step(run_dir, step, model, optimizer, scaler, manifest, accumulation, recipe, env)
+            say(f"interrupted: saved {path}; continue with --resume auto")
+        raise
+
+    _save_step(run_dir, step, model, optimizer, scaler, manifest, accumulation, recipe, env)
+    final = None
+    if env.is_main:
+        final = save_model(
+            model,
+            run_dir / "final",
+            tokenizer=built.llm_tokenizer if recipe.model.stage == 2 else built.qformer_tokenizer,
+            qformer_tokenizer=built.qformer_tokenizer if recipe.model.stage == 2 else None,
+        )
+        say(f"final checkpoint: {final}")
+    return TrainResult(run_dir, final, step, history, counts)
+
+
+def _needs_corpus(recipe: Recipe) -> bool:
+    m = recipe.model
+    return (m.qformer_init == "tiny" and not m.init_from) or (m.stage == 2 and (m.llm or "").startswith("tiny"))
+
+
+def _accumulation_steps(recipe: Recipe, env: DistEnv) -> int:
+    per_step = recipe.data.micro_batch_size * env.world_size
+    if recipe.data.global_batch_size % per_step:
+        raise Blip2Error(
+            f"data.global_batch_size={recipe.data.global_batch_size} is not a multiple of "
+            f"data.micro_batch_size x processes = {recipe.data.micro_batch_size} x {env.world_size}"
+        )
+    return recipe.data.global_batch_size // per_step
+
+
+def _wrap(model, recipe: Recipe, env: DistEnv):
+    if recipe.train.grad_checkpointing:
+        model.qformer.gradient_checkpointing_enable()
+    wrapped = model
+    if env.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(
+            model,
+            device_ids=[env.device] if env.device.type == "cuda" else None,
+            find_unused_parameters=recipe.dist.find_unused_parameters,
+        )
+    if recipe.train.compile:
+        wrapped = torch.compile(wrapped)
+    return wrapped
+
+
+def _train_loader(recipe: Recipe, shards: list[str], env: DistEnv, skip_batches: int):
+    from blip2cli.data.training import make_train_loader
+
+    d = recipe.data
+    return make_train_loader(
+        shards,
+        weights=d.weights or None,
+        micro_batch_size=d.micro_batch_size,
+        image_size=recipe.model.image_size,
+        rrc_scale=tuple(d.rrc_scale),
+        hflip=d.hflip,
+        captions_top_k=d.captions_top_k,
+        rank=env.rank,
+        world_size=env.world_size,
+        num_workers=d.num_workers,
+        seed=recipe.train.seed,
+        shuffle_buffer=d.shuffle_buffer,
+        skip_batches=skip_batches,
+    )
+
+
+def _save_step(run_dir, step, model, optimizer, scaler, manifest, accumulation, recipe, env) -> Path | None:
+    if not env.is_main:
+        return None
+    state = {"manifest": manifest, "data": {"micro_batches_consumed": step * accumulation}}
+    return save_training_checkpoint(run_dir, step, model, optimizer, scaler, state, recipe.train.keep_last)
+
+
+def _format_record(record: dict[str, Any], max_steps: int) -> str:
+    losses = " ".join(f"{k.removeprefix('loss_')}={v:.4f}" for k, v in record.items() if k.startswith("loss_"))
+    line = f"step {record['step']}/{max_steps} loss={record['loss']:.4f} {losses} lr={record['lr']:.2e} " \
+           f"{record['samples_per_s']:.1f} samples/s"
+    if "skipped" in record:
+        line += f" skipped={sum(record['skipped'].values())}"
+    if "peak_memory_gb" in record:
+        line += f" mem={record['peak_memory_gb']:.1f}GiB"
+    return line
+
+
+class TextBatcher:
+    """Turns a data batch (images + caption strings) into the model's keyword arguments."""
+
+    def __init__(self, recipe: Recipe, built: BuiltModel):
+        self.recipe = recipe
+        self.built = built
+        if recipe.model.stage == 2:
+            from blip2cli.models.llm import end_token
+
+            self.end_token = end_token(built.model.language_model, built.llm_tokenizer)
+
+    def __call__(self, batch: dict[str, Any], step: int, device: torch.device) -> dict[str, torch.Tensor]:
+        m, d = self.recipe.model, self.recipe.data
+        pixel_values = batch["pixel_values"].to(device, non_blocking=True)
+        texts = list(batch["text"])
+        if m.stage == 1:
+            tokens = self.built.qformer_tokenizer(
+                texts, padding="max_length", truncation=True, max_length=d.max_txt_len, return_tensors="pt"
+            )
+            return {"pixel_values": pixel_values, "input_ids": tokens["input_ids"].to(device),
+                    "attention_mask": tokens["attention_mask"].to(device)}
+        from blip2cli.models.text import decoder_only_batch, encoder_decoder_batch
+
+        tokenizer = self.built.llm_tokenizer
+        if self.built.model.is_encoder_decoder:
+            # The prefix-LM split point is drawn from a generator seeded by the step: resumable exactly.
+            rng = random.Random(self.recipe.train.seed * 1_000_003 + step)
+            tokens = encoder_decoder_batch(tokenizer, texts, prompt=m.prompt or None, rng=rng, max_length=d.max_txt_len)
+            keys = ("input_ids", "attention_mask", "labels", "decoder_attention_mask")
+        else:
+            tokens = decoder_only_batch(tokenizer, texts, prompt=m.prompt, max_length=d.max_txt_len,
+                                        end_token=self.end_token)
+            keys = ("input_ids", "attention_mask", "labels")
+        return {"pixel_values": pixel_values, **{k: tokens[k].to(device) for k in keys}}
