@@ -243,6 +243,10 @@ def _load_native(path: Path, config: Blip2ModelConfig, tokenizer=None):
         raise CheckpointError(f"{path} has no {WEIGHTS_FILENAME}")
     with no_init_weights():
         model = _skeleton(config, tokenizer)
+    if config.stage == 2:
+        # Built without weight initialisation, the LLM's output layer is not tied to its input embeddings
+        # yet; tie it now so the (deduplicated) saved embeddings fill both.
+        model.language_model.tie_weights()
     try:
         state = load_file(weights)
         extras_file = path / EXTRAS_FILENAME

@@ -50,6 +50,7 @@ TASKS = ("pretrain", "caption", "vqa", "retrieval")
 PRECISIONS = ("bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
 STRATEGIES = ("ddp", "fsdp")
+LOGGERS = ("tensorboard", "wandb")
 
 
 @dataclass
@@ -79,7 +80,7 @@ class LossSection:
     itg_label_smoothing: float = _f(0.1, "Label smoothing of the ITG cross-entropy (LAVIS 0.1; paper-literal 0.0).")
     temp_init: float = _f(0.07, "Initial value of the learnable ITC temperature.")
     temp_clamp: tuple[float, float] | None = _f(None, "Clamp the temperature to [lo, hi] after each step, e.g. [0.001, 0.5] as BLIP/ALBEF; absent = no clamp (BLIP-2).")
-    gather_with_grad: bool = _f(False, "Gather ITC features across ranks with autograd; false = LAVIS's no-grad gather (gathered negatives get no gradient).")
+    gather_with_grad: bool = _f(True, "Gather ITC features across ranks with autograd (the exact big-batch gradient); false = LAVIS's no-grad gather (gathered negatives get no gradient).")
     itc_same_image_positives: bool = _f(False, "Treat every caption of the same image as a positive (soft ITC targets), as LAVIS's retrieval fine-tuning does.")
 
 
@@ -121,7 +122,8 @@ class TrainSection:
     log_every: int = _f(50, "Steps between progress lines and metrics records.")
     save_every: int = _f(5000, "Steps between checkpoints (one is always written at the end); 0 = only at the end.")
     keep_last: int = _f(3, "Step checkpoints kept on disk; older ones are deleted after a successful save.")
-    eval_every: int = _f(0, "Steps between validation runs; 0 = off.")
+    eval_every: int = _f(0, "Steps between validation runs (held-out loss on data.val_shards, plus eval.task if set); 0 = off.")
+    loggers: list[str] = _f([], "Metric loggers besides RUN_DIR/metrics.jsonl: tensorboard, wandb (each installed separately).")
     out_dir: str | None = _f(None, "Run directory; absent = runs/<recipe name> in the workspace.")
 
 
@@ -134,11 +136,14 @@ class EvalSection:
     prompt_template: str = _f("", 'VQA prompt with {} for the question, e.g. "Question: {} Short answer:"; empty for captioning.')
     k_test: int = _f(128, "Retrieval: ITC candidates re-ranked by ITM per query.")
     max_batches: int = _f(0, "Validation batches at most; 0 = the whole validation set.")
+    task: str = _f("", "In-loop `blip2 eval` task run every train.eval_every steps (vqav2, coco, flickr30k, ...); empty = held-out loss only.")
+    data: str = _f("", "Data directory of eval.task (as `blip2 eval --data`); empty = the workspace's eval/<task>.")
+    limit: int = _f(200, "Items of eval.task evaluated per validation run; 0 = all.")
 
 
 @dataclass
 class DistSection:
-    strategy: str = _f("ddp", "ddp | fsdp (shards the frozen LLM and the trainable parts; for stage 2 with large LLMs).")
+    strategy: str = _f("ddp", "ddp. fsdp is reserved for sharding stage 2 with large LLMs and not implemented yet (an error at start).")
     find_unused_parameters: bool = _f(False, "DDP find_unused_parameters (needed only when a loss is switched off mid-graph).")
 
 
@@ -223,6 +228,8 @@ class Recipe:
         check(0 <= e.min_new_tokens <= e.max_new_tokens, "eval.min_new_tokens", "must be in [0, eval.max_new_tokens]")
         check(e.k_test >= 1, "eval.k_test", "must be >= 1")
         check(e.max_batches >= 0, "eval.max_batches", "must be >= 0 (0 = all)")
+        check(e.limit >= 0, "eval.limit", "must be >= 0 (0 = all)")
+        check(all(name in LOGGERS for name in t.loggers), "train.loggers", f"must name only {', '.join(LOGGERS)}")
         check(self.dist.strategy in STRATEGIES, "dist.strategy", f"must be one of {', '.join(STRATEGIES)}")
         return self
 

@@ -207,3 +207,24 @@ def test_broken_checkpoints_give_clear_errors(hf_opt_dir, tmp_path):
     (not_blip2 / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(CheckpointError, match="not a BLIP-2"):
         load_model(not_blip2)
+
+
+def test_native_checkpoint_keeps_tied_lm_head(tmp_path):
+    """A stage-2 model with a non-EVA encoder is saved natively (deduplicated tied weights); loading must
+    re-tie the LLM's output layer to its embeddings rather than report it missing."""
+    from transformers import ViTConfig, ViTModel
+
+    from blip2cli.recipes import load_recipe
+    from blip2cli.training.builders import build_model
+
+    vit = tmp_path / "vit"
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                       image_size=32, patch_size=8)).save_pretrained(vit)
+    recipe = load_recipe("tiny_stage2_opt", [f"model.vision=hf:{vit}"])
+    built = build_model(recipe, tiny.CAPTIONS * 3)
+    saved = save_model(built.model, tmp_path / "ckpt", tokenizer=built.llm_tokenizer,
+                       qformer_tokenizer=built.qformer_tokenizer)
+    assert not (saved / "config.json").exists()  # the native format, not transformers'
+    lm = load_model(saved).model.language_model
+    assert lm.lm_head.weight is lm.get_input_embeddings().weight
+    assert torch.equal(lm.lm_head.weight, built.model.language_model.lm_head.weight)

@@ -27,7 +27,7 @@ def shards(tmp_path_factory):
 
 
 def _losses(result):
-    return [record["loss"] for record in result.history]
+    return [record["loss"] for record in result.history if "loss" in record]
 
 
 def _recipe(name, *overrides):
@@ -99,6 +99,26 @@ def test_resume_reproduces_uninterrupted_run(shards, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_validation_reports_held_out_loss_without_changing_training(shards, tmp_path):
+    base = ["train.max_steps=6", "train.save_every=0", "optim.warmup_steps=1"]
+    plain = train(_recipe("tiny_stage1", *base), tmp_path / "plain", shards, device="cpu")
+    validated = train(
+        _recipe("tiny_stage1", *base, "train.eval_every=3", f"data.val_shards={json.dumps(shards[:1])}",
+                "eval.max_batches=2"),
+        tmp_path / "validated", shards, device="cpu",
+    )
+    val_records = [r for r in validated.history if "val_loss" in r]
+    assert [r["step"] for r in val_records] == [3, 6]
+    assert {"val_loss_itc", "val_loss_itm", "val_loss_itg"} <= set(val_records[0])
+    assert all(0 < r["val_loss"] < 20 for r in val_records)
+    # Validation forks the RNG and restores train mode: the training losses are exactly those of a run
+    # without it.
+    train_losses = [r["loss"] for r in validated.history if "loss" in r]
+    assert train_losses == pytest.approx(_losses(plain), abs=1e-6)
+    logged = [json.loads(line) for line in (tmp_path / "validated" / "metrics.jsonl").read_text().splitlines()]
+    assert sum("val_loss" in r for r in logged) == 2 and all("eta_s" in r for r in logged if "loss" in r)
+
+
 def test_dry_run_and_batch_checks(shards, tmp_path):
     result = train(_recipe("tiny_stage1"), tmp_path / "dry", shards, device="cpu", dry_run=True)
     assert result.steps == 0 and result.parameter_counts["trainable"] > 0 and result.parameter_counts["frozen"] > 0
@@ -123,3 +143,25 @@ def test_two_process_ddp_stage1(shards, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert (tmp_path / "ddp" / "final" / "model.safetensors").exists()
+
+
+def test_plot_writes_curves_of_a_run(stage1_run, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from blip2cli.cli import app
+    from blip2cli.plotting import read_curves
+
+    curves = read_curves(stage1_run.run_dir)
+    assert [step for step, _ in curves["loss"]] == list(range(1, 41))
+    assert {"loss_itc", "loss_itm", "loss_itg", "lr"} <= set(curves)
+    result = CliRunner().invoke(app, ["plot", str(stage1_run.run_dir), "--out", str(tmp_path / "plots")])
+    assert result.exit_code == 0, result.output
+    losses = Image.open(tmp_path / "plots" / "losses.png")
+    assert losses.size == (520, 340)
+    # Curves were drawn: the chart holds more than a handful of colours (white, black text, four series).
+    assert len(losses.getcolors(maxcolors=100_000)) > 10
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(app, ["plot", str(empty)])
+    assert result.exit_code != 0 and "no metrics.jsonl" in str(result.exception)

@@ -39,6 +39,7 @@ from blip2cli.cli import capfilt as _capfilt  # noqa: E402,F401
 from blip2cli.cli import download as _download  # noqa: E402,F401
 from blip2cli.cli import eval as _eval  # noqa: E402,F401
 from blip2cli.cli import export as _export  # noqa: E402,F401
+from blip2cli.cli import plot as _plot  # noqa: E402,F401
 from blip2cli.cli import recipes as _recipes  # noqa: E402,F401
 from blip2cli.cli import train as _train  # noqa: E402,F401
 
