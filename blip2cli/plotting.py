@@ -42,7 +42,7 @@ def read_losses(run_dir: Path) -> Curves:
     return {k: v for k, v in read_curves(run_dir).items() if k.startswith(("loss", "val_loss"))}
 
 
-def _font(size: int = 12):
+def font(size: int = 12):
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1
@@ -65,12 +65,12 @@ def line_chart(title: str, series: dict[str, Sequence[tuple[float, float]]], siz
     w, h = size
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
-    font, small = _font(13), _font(10)
-    d.text((10, 6), title, fill="black", font=font)
+    title_font, small = font(13), font(10)
+    d.text((10, 6), title, fill="black", font=title_font)
     left, right, top, bottom = 48, w - 12, 28, h - 28
     pts = [p for s in series.values() for p in s]
     if not pts:
-        d.text((left, h // 2), "no data", fill="gray", font=font)
+        d.text((left, h // 2), "no data", fill="gray", font=title_font)
         return img
     x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
     y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)

@@ -209,13 +209,16 @@ def test_broken_checkpoints_give_clear_errors(hf_opt_dir, tmp_path):
         load_model(not_blip2)
 
 
-def test_native_checkpoint_keeps_tied_lm_head(tmp_path):
+def test_native_checkpoint_keeps_tied_lm_head(tmp_path, monkeypatch):
     """A stage-2 model with a non-EVA encoder is saved natively (deduplicated tied weights); loading must
     re-tie the LLM's output layer to its embeddings rather than report it missing."""
     from transformers import ViTConfig, ViTModel
 
     from blip2cli.recipes import load_recipe
+    from blip2cli.training import builders
     from blip2cli.training.builders import build_model
+
+    monkeypatch.setattr(builders, "TINY_LLM_TEXT_STEPS", 2)  # the weights' values do not matter here
 
     vit = tmp_path / "vit"
     ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,

@@ -1,0 +1,388 @@
+"""``blip2 demo``: run the real pipeline on the synthetic world, stage by stage, timing each.
+
+Stages (each a real ``blip2`` command in a child process, except the two that have no command):
+
+1. ``world``      generate pictures, captions, QA pairs and the held-out split (in process)
+2. ``unimodal``   pre-train the frozen parts on one modality each (in process, ``unimodal.py``)
+3. ``download``   ``blip2 download pretrain custom`` for the caption list and the QA list
+4. ``stage1``     ``blip2 pretrain --stage 1 --recipe demo_stage1``
+5. ``stage2``     ``blip2 pretrain --stage 2 --recipe demo_stage2 --init-from <stage1>/final``
+6. ``stage2_no_stage1``  the same without stage 1 (fresh Q-Former): the paper's Figure 5 ablation
+7. ``eval``       ``blip2 eval`` flickr30k-style retrieval (stage 1), coco-style captioning and vqav2 (stage 2,
+                  and the ablation) on the held-out split
+8. ``ask``        ``blip2 ask`` on one held-out picture: a caption and an answer
+
+Everything lands in ``--out``: ``world/``, ``parts/``, ``shards/``, ``runs/``, ``eval/``, ``logs/`` (every
+child's output), ``results.json``, ``losses.png``, ``gallery.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from blip2cli.errors import Blip2Error
+
+
+@dataclass
+class DemoSize:
+    world: str
+    vision_steps: int
+    lm_steps: int
+    bert_steps: int
+    stage1_steps: int
+    stage2_steps: int
+
+
+DEMO_SIZES = {
+    "full": DemoSize("full", vision_steps=400, lm_steps=600, bert_steps=250, stage1_steps=500, stage2_steps=1000),
+    "small": DemoSize("small", vision_steps=300, lm_steps=500, bert_steps=200, stage1_steps=500, stage2_steps=700),
+}
+
+
+@dataclass
+class DemoOptions:
+    out: Path
+    size: str = "full"
+    seed: int = 0
+    ablation: bool = True  # also run stage 2 without stage 1
+    stage1_steps: int | None = None
+    stage2_steps: int | None = None
+    device: str = "cpu"
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # run -> metric -> value
+    baselines: dict[str, float] = field(default_factory=dict)
+    scorer: str = ""
+    ask: dict[str, Any] = field(default_factory=dict)
+    samples: list[dict[str, Any]] = field(default_factory=list)  # gallery entries
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seconds": self.seconds, "metrics": self.metrics, "baselines": self.baselines,
+                "scorer": self.scorer, "ask": self.ask, "samples": self.samples}
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+class Runner:
+    """Runs ``blip2`` subcommands as child processes, logging each to ``out/logs`` and timing stages."""
+
+    def __init__(self, out: Path, console: Console):
+        self.out, self.console = out, console
+        self.logs = out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
+        log = self.logs / f"{name}.log"
+        cmd = [sys.executable, "-m", "blip2cli", *args]
+        self.console.print(f"[dim]$ blip2 {' '.join(_quote(a) for a in args)}[/dim]", highlight=False)
+        f = log.open("w")
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_child_env(), cwd=self.out)
+        f.close()
+        return proc, log
+
+    def wait(self, procs: list[tuple[str, subprocess.Popen, Path]], status) -> None:
+        while any(p.poll() is None for _, p, _ in procs):
+            for name, p, log in procs:
+                if p.poll() is None:
+                    status.update(f"[bold]{name}[/bold]: {_last_line(log)[:100]}")
+            time.sleep(0.5)
+        for name, p, log in procs:
+            if p.returncode != 0:
+                raise Blip2Error(f"{name} failed (exit {p.returncode}): {_last_line(log)[:200]} (full log: {log})")
+
+    def run(self, name: str, args: list[str], status) -> Path:
+        proc, log = self.start(name, args)
+        self.wait([(name, proc, log)], status)
+        return log
+
+
+def _quote(a: str) -> str:
+    return f"'{a}'" if any(c in a for c in ' "[]{}') else a
+
+
+def _last_line(log: Path) -> str:
+    try:
+        text = log.read_bytes()[-4000:].decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def eval_command_available() -> bool:
+    """Whether this installation has ``blip2 eval`` (the demo then uses it rather than its own scorer)."""
+    import importlib.util
+
+    return importlib.util.find_spec("blip2cli.cli.eval") is not None
+
+
+# `blip2 eval` settings for the demo's tiny models: the paper's protocol except where the demo differs.
+# Captioning keeps the paper's prompt "a photo of"; VQA uses the demo's own prompt words; retrieval
+# re-ranks the top 20 ITC candidates by ITM (the paper: 128, more than the demo's 100 test pictures need);
+# Java is skipped (Python PTB tokenisation; METEOR/SPICE are not reported).
+EVAL_ARGS = {
+    "flickr30k": ["--k-test", "20"],
+    "coco": [],  # the paper's captioning settings: prompt "a photo of", beam 5, 8-30 new tokens
+    "vqav2": ["--max-new-tokens", "5"],
+}
+COMMON_EVAL_ARGS = ["--device", "cpu", "--workers", "0", "--batch-size", "50", "--no-java"]
+
+
+def run_eval(runner: Runner, name: str, task: str, checkpoint: Path | None, data_dir: Path, out_dir: Path, status,
+             extra: list[str] | None = None) -> dict[str, float]:
+    """Score ``checkpoint`` on the held-out split with the real ``blip2 eval`` command and return its
+    metrics; with ``checkpoint`` None, ``extra`` must carry ``--predictions FILE`` (re-scoring a baseline)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = ["--model", str(checkpoint)] if checkpoint is not None else []
+    runner.run(name, ["eval", task, *model, "--data", str(data_dir), "--split", "test", "--out", str(out_dir),
+                      "--restart", *COMMON_EVAL_ARGS, *EVAL_ARGS.get(task, []), *(extra or [])], status)
+    return read_metrics(out_dir)
+
+
+def read_metrics(out_dir: Path) -> dict[str, float]:
+    """The flat numeric metrics of a ``blip2 eval`` output folder (``metrics.json`` or another JSON)."""
+    candidates = [out_dir / "metrics.json", *sorted(out_dir.glob("*.json"))]
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            flat = {k: float(v) for k, v in _flatten(data).items()
+                    if isinstance(v, (int, float)) and not k.startswith("settings.")}
+            if any(k.split(".")[-1] in ("accuracy", "CIDEr", "txt_r1", "img_r1") for k in flat):
+                return {k.split(".")[-1] if "." in k else k: v for k, v in flat.items()}
+    raise Blip2Error(f"no metrics JSON found in {out_dir}")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def run_demo(options: DemoOptions, console: Console | None = None) -> DemoResult:
+    """Run every stage (see the module docstring) and return the timings, metrics and baselines."""
+    from blip2cli.demo import report, scoring
+    from blip2cli.demo.unimodal import Steps, pretrain_unimodal
+    from blip2cli.demo.world import VQA_PROMPT_TEMPLATE, write_world
+
+    console = console or Console(stderr=True)
+    size = DEMO_SIZES[options.size]
+    out = options.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    runner = Runner(out, console)
+    result = DemoResult(out)
+    s1_steps = options.stage1_steps or size.stage1_steps
+    s2_steps = options.stage2_steps or size.stage2_steps
+
+    def timed(stage: str):
+        return _Timer(result, stage, console)
+
+    with console.status("starting") as status:
+        with timed("world"):
+            status.update("[bold]world[/bold]: drawing pictures, captions and questions")
+            world = write_world(out / "world", size.world, seed=options.seed)
+        result.baselines = world.baselines()
+        with world.captions_csv.open(newline="") as f:
+            train_captions = [row["caption"] for row in csv.DictReader(f)]
+        result.baselines["caption_constant_cider"] = scoring.caption_baseline(world.eval_dirs["coco"], train_captions)
+
+        with timed("unimodal"):
+            def progress(part: str, step: int, total: int, loss: float) -> None:
+                if step % 10 == 0 or step == total:
+                    status.update(f"[bold]unimodal[/bold]: {part} step {step}/{total} loss {loss:.3f}")
+
+            image_paths = sorted((out / "world" / "images" / "train").glob("*.jpg"))
+            texts = world.text_corpus.read_text().splitlines()
+            parts = pretrain_unimodal(image_paths, texts, out / "parts",
+                                      Steps(size.vision_steps, size.lm_steps, size.bert_steps), seed=options.seed,
+                                      progress=progress)
+        (out / "parts" / "losses.json").write_text(json.dumps(parts.losses))
+
+        shards = {"captions": out / "shards" / "captions", "captions_photo": out / "shards" / "captions_photo",
+                  "vqa": out / "shards" / "vqa"}
+        with timed("download"):
+            procs = []
+            for name, csv_file in (("captions", world.captions_csv), ("captions_photo", world.captions_photo_csv),
+                                   ("vqa", world.vqa_csv)):
+                args = ["download", "pretrain", "custom", "--url-list", str(csv_file), "--out", str(shards[name]),
+                        "--image-size", "64", "--shard-size", "1000", "--threads", "4", "--processes", "1"]
+                proc, log = runner.start(f"download_{name}", args)
+                procs.append((f"download {name}", proc, log))
+            runner.wait(procs, status)
+
+        common = ["--device", options.device, "--resume", "never", "--root", str(out / "workspace"),
+                  f"model.vision=hf:{parts.vision_dir}", f"model.qformer_init={parts.bert_dir}"]
+        runs = out / "runs"
+        with timed("stage1"):
+            runner.run("stage1", ["pretrain", "--stage", "1", "--recipe", "demo_stage1", "--out", str(runs / "stage1"),
+                                  *common, f"data.shards={json.dumps([str(shards['captions'])])}",
+                                  f"train.max_steps={s1_steps}"], status)
+        stage2_args = [*common, f"model.llm={parts.lm_dir}",
+                       f"data.shards={json.dumps([str(shards['captions_photo']), str(shards['vqa'])])}",
+                       f"train.max_steps={s2_steps}"]
+        with timed("stage2"):
+            runner.run("stage2", ["pretrain", "--stage", "2", "--recipe", "demo_stage2",
+                                  "--init-from", str(runs / "stage1" / "final"), "--out", str(runs / "stage2"),
+                                  *stage2_args], status)
+        if options.ablation:
+            with timed("stage2_no_stage1"):
+                runner.run("stage2_no_stage1", ["pretrain", "--stage", "2", "--recipe", "demo_stage2",
+                                                "--out", str(runs / "stage2_no_stage1"), *stage2_args], status)
+
+        with timed("eval"):
+            result.metrics, result.scorer, predictions = _evaluate(runner, world, runs, out / "eval", status,
+                                                                   options.ablation, VQA_PROMPT_TEMPLATE)
+            result.baselines.update(result.metrics.pop("baselines", {}))  # the same scorer as the models'
+
+        with timed("ask"):
+            result.ask = _ask(runner, world, runs / "stage2" / "final", status)
+
+    result.samples = report.gallery_samples(world, predictions)
+    (out / "results.json").write_text(json.dumps(result.to_json(), indent=1))
+    report.write_plots(out, result)
+    return result
+
+
+class _Timer:
+    def __init__(self, result: DemoResult, stage: str, console: Console):
+        self.result, self.stage, self.console = result, stage, console
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        seconds = time.perf_counter() - self.start
+        if exc_type is None:
+            self.result.seconds[self.stage] = seconds
+            self.console.print(f"[green]✓[/green] {self.stage} ({seconds:.0f} s)")
+        return False
+
+
+def _evaluate(runner: Runner, world, runs: Path, eval_out: Path, status, ablation: bool, template: str):
+    """Metrics per run, the scorer used, and the main run's predictions for the gallery."""
+    from blip2cli.demo import scoring
+
+    stage2_runs = {"stage2": runs / "stage2" / "final"}
+    if ablation:
+        stage2_runs["stage2_no_stage1"] = runs / "stage2_no_stage1" / "final"
+    metrics: dict[str, dict[str, float]] = {}
+    predictions: dict[str, dict] = {}
+    if eval_command_available():
+        metrics["stage1"] = run_eval(runner, "eval_retrieval", "flickr30k", runs / "stage1" / "final",
+                                     world.eval_dirs["flickr30k"], eval_out / "retrieval", status)
+        for name, ckpt in stage2_runs.items():
+            cap = run_eval(runner, f"eval_caption_{name}", "coco", ckpt, world.eval_dirs["coco"],
+                           eval_out / f"caption_{name}", status)
+            vqa = run_eval(runner, f"eval_vqa_{name}", "vqav2", ckpt, world.eval_dirs["vqav2"],
+                           eval_out / f"vqa_{name}", status, extra=["--prompt", template])
+            metrics[name] = {**cap, **vqa}
+        metrics["baselines"] = _scored_baselines(runner, world, eval_out, status)
+        # Diagnostic next to the paper protocol: the same retrieval ranked by ITC similarity alone.
+        status.update("[bold]eval[/bold]: retrieval ranked by ITC alone (diagnostic)")
+        metrics["stage1_itc"] = scoring.score_retrieval(runs / "stage1" / "final", world.eval_dirs["flickr30k"])
+        predictions = _read_predictions(eval_out)
+        return metrics, "blip2 eval", predictions
+    status.update("[bold]eval[/bold]: retrieval (built-in scorer: `blip2 eval` is not installed)")
+    metrics["stage1"] = scoring.score_retrieval(runs / "stage1" / "final", world.eval_dirs["flickr30k"])
+    metrics["stage1_itc"] = metrics["stage1"]
+    for name, ckpt in stage2_runs.items():
+        status.update(f"[bold]eval[/bold]: captioning {name}")
+        cap, cap_preds = scoring.score_captioning(ckpt, world.eval_dirs["coco"])
+        status.update(f"[bold]eval[/bold]: VQA {name}")
+        vqa, vqa_preds = scoring.score_vqa(ckpt, world.eval_dirs["vqav2"], template)
+        metrics[name] = {**cap, **vqa}
+        if name == "stage2":
+            predictions = {"captions": cap_preds, "answers": vqa_preds}
+    (eval_out).mkdir(parents=True, exist_ok=True)
+    (eval_out / "predictions.json").write_text(json.dumps(predictions))
+    return metrics, "built-in (blip2 eval not installed)", predictions
+
+
+def _scored_baselines(runner: Runner, world, eval_out: Path, status) -> dict[str, float]:
+    """The constant-caption and majority-answer baselines, scored by ``blip2 eval --predictions``."""
+    from collections import Counter
+
+    from blip2cli.demo.world import caption as scene_caption
+
+    base = eval_out / "baselines"
+    base.mkdir(parents=True, exist_ok=True)
+    with world.captions_csv.open(newline="") as f:
+        rows = [row["caption"] for row in csv.DictReader(f)]
+    constant = Counter(rows).most_common(1)[0][0] if rows else scene_caption(world.train[0], 0)
+    karpathy = json.loads((world.eval_dirs["coco"] / "karpathy_test.json").read_text())
+    (base / "caption_constant.json").write_text(json.dumps(
+        [{"image_id": im["imgid"], "caption": constant} for im in karpathy["images"]]))
+    majority = world.train_answers.most_common(1)[0][0]
+    qs = json.loads((world.eval_dirs["vqav2"] / "questions_test.json").read_text())["questions"]
+    (base / "vqa_majority.json").write_text(json.dumps(
+        [{"question_id": q["question_id"], "answer": majority} for q in qs]))
+    cap = run_eval(runner, "eval_caption_baseline", "coco", None, world.eval_dirs["coco"], base / "caption",
+                   status, extra=["--predictions", str(base / "caption_constant.json")])
+    vqa = run_eval(runner, "eval_vqa_baseline", "vqav2", None, world.eval_dirs["vqav2"], base / "vqa",
+                   status, extra=["--predictions", str(base / "vqa_majority.json")])
+    return {"caption_constant_cider": cap["CIDEr"], "vqa_majority": vqa["accuracy"]}
+
+
+def _read_predictions(eval_out: Path) -> dict[str, dict]:
+    """Best effort: captions and answers written by ``blip2 eval`` for the gallery."""
+    found: dict[str, dict] = {"captions": {}, "answers": {}}
+    for kind, folder in (("captions", "caption_stage2"), ("answers", "vqa_stage2")):
+        for path in sorted((eval_out / folder).glob("*.json")):
+            try:
+                data = json.loads(path.read_text())
+            except ValueError:
+                continue
+            if isinstance(data, list) and data and isinstance(data[0], dict):
+                for row in data:
+                    key = row.get("image_id") if kind == "captions" else row.get("question_id")
+                    text = row.get("caption") if kind == "captions" else row.get("answer")
+                    if key is not None and isinstance(text, str):
+                        found[kind][int(key)] = text
+    return found
+
+
+def _ask(runner: Runner, world, checkpoint: Path, status) -> dict[str, Any]:
+    """``blip2 ask`` on the first held-out picture whose (colour, shape) pair was never seen in training."""
+    from blip2cli.demo.world import CAPTION_PROMPT, HELD_OUT_PAIRS, VQA_PROMPT_TEMPLATE, caption
+
+    index = next((i for i, s in enumerate(world.test) if s.pair in HELD_OUT_PAIRS), 0)
+    scene = world.test[index]
+    image = world.root / "images" / "test" / f"{index + 1:012d}.jpg"
+    question = "what color is the shape?"
+    cap_log = runner.run("ask_caption", ["ask", str(image), "--model", str(checkpoint), "--device", "cpu",
+                                         "--prompt", CAPTION_PROMPT.strip()], status)
+    qa_log = runner.run("ask_question", ["ask", str(image), question, "--model", str(checkpoint), "--device", "cpu",
+                                         "--prompt-template", VQA_PROMPT_TEMPLATE], status)
+    return {"image": str(image), "truth": caption(scene, 0), "caption": _last_line(cap_log),
+            "question": question, "answer": _last_line(qa_log), "expected_answer": scene.color}
