@@ -15,7 +15,7 @@ Examples:
 
   blip2 demo                                  # full size, into ./blip2-demo (about 10-15 minutes on 2 CPU cores)
 
-  blip2 demo --size small --out /tmp/demo     # a smaller world and fewer steps (a few minutes)
+  blip2 demo --size small --out /tmp/demo     # a smaller world and fewer steps (about 9 minutes on 2 cores)
 
   blip2 demo --no-ablation                    # skip the stage-2-without-stage-1 comparison
 

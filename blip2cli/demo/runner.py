@@ -130,13 +130,6 @@ def _last_line(log: Path) -> str:
     return lines[-1] if lines else ""
 
 
-def eval_command_available() -> bool:
-    """Whether this installation has ``blip2 eval`` (the demo then uses it rather than its own scorer)."""
-    import importlib.util
-
-    return importlib.util.find_spec("blip2cli.cli.eval") is not None
-
-
 # `blip2 eval` settings for the demo's tiny models: the paper's protocol except where the demo differs.
 # Captioning keeps the paper's prompt "a photo of"; VQA uses the demo's own prompt words; retrieval
 # re-ranks the top 20 ITC candidates by ITM (the paper: 128, more than the demo's 100 test pictures need);
@@ -191,7 +184,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def run_demo(options: DemoOptions, console: Console | None = None) -> DemoResult:
     """Run every stage (see the module docstring) and return the timings, metrics and baselines."""
-    from blip2cli.demo import report, scoring
+    from blip2cli.demo import report
     from blip2cli.demo.unimodal import Steps, pretrain_unimodal
     from blip2cli.demo.world import VQA_PROMPT_TEMPLATE, write_world
 
@@ -212,9 +205,6 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> DemoResult
             status.update("[bold]world[/bold]: drawing pictures, captions and questions")
             world = write_world(out / "world", size.world, seed=options.seed)
         result.baselines = world.baselines()
-        with world.captions_csv.open(newline="") as f:
-            train_captions = [row["caption"] for row in csv.DictReader(f)]
-        result.baselines["caption_constant_cider"] = scoring.caption_baseline(world.eval_dirs["coco"], train_captions)
 
         with timed("unimodal"):
             def progress(part: str, step: int, total: int, loss: float) -> None:
@@ -290,43 +280,26 @@ class _Timer:
 
 
 def _evaluate(runner: Runner, world, runs: Path, eval_out: Path, status, ablation: bool, template: str):
-    """Metrics per run, the scorer used, and the main run's predictions for the gallery."""
-    from blip2cli.demo import scoring
-
+    """Metrics per run (all from ``blip2 eval``), the scorer's name, and the main run's predictions."""
     stage2_runs = {"stage2": runs / "stage2" / "final"}
     if ablation:
         stage2_runs["stage2_no_stage1"] = runs / "stage2_no_stage1" / "final"
     metrics: dict[str, dict[str, float]] = {}
-    predictions: dict[str, dict] = {}
-    if eval_command_available():
-        metrics["stage1"] = run_eval(runner, "eval_retrieval", "flickr30k", runs / "stage1" / "final",
-                                     world.eval_dirs["flickr30k"], eval_out / "retrieval", status)
-        for name, ckpt in stage2_runs.items():
-            cap = run_eval(runner, f"eval_caption_{name}", "coco", ckpt, world.eval_dirs["coco"],
-                           eval_out / f"caption_{name}", status)
-            vqa = run_eval(runner, f"eval_vqa_{name}", "vqav2", ckpt, world.eval_dirs["vqav2"],
-                           eval_out / f"vqa_{name}", status, extra=["--prompt", template])
-            metrics[name] = {**cap, **vqa}
-        metrics["baselines"] = _scored_baselines(runner, world, eval_out, status)
-        # Diagnostic next to the paper protocol: the same retrieval ranked by ITC similarity alone.
-        status.update("[bold]eval[/bold]: retrieval ranked by ITC alone (diagnostic)")
-        metrics["stage1_itc"] = scoring.score_retrieval(runs / "stage1" / "final", world.eval_dirs["flickr30k"])
-        predictions = _read_predictions(eval_out)
-        return metrics, "blip2 eval", predictions
-    status.update("[bold]eval[/bold]: retrieval (built-in scorer: `blip2 eval` is not installed)")
-    metrics["stage1"] = scoring.score_retrieval(runs / "stage1" / "final", world.eval_dirs["flickr30k"])
-    metrics["stage1_itc"] = metrics["stage1"]
+    metrics["stage1"] = run_eval(runner, "eval_retrieval", "flickr30k", runs / "stage1" / "final",
+                                 world.eval_dirs["flickr30k"], eval_out / "retrieval", status)
+    # Diagnostic next to the paper protocol: with one ITC candidate per query, ITM cannot re-rank, so
+    # R@1 is ITC's alone.
+    itc = run_eval(runner, "eval_retrieval_itc", "flickr30k", runs / "stage1" / "final",
+                   world.eval_dirs["flickr30k"], eval_out / "retrieval_itc", status, extra=["--k-test", "1"])
+    metrics["stage1_itc"] = {k: itc[k] for k in ("txt_r1", "img_r1")}
     for name, ckpt in stage2_runs.items():
-        status.update(f"[bold]eval[/bold]: captioning {name}")
-        cap, cap_preds = scoring.score_captioning(ckpt, world.eval_dirs["coco"])
-        status.update(f"[bold]eval[/bold]: VQA {name}")
-        vqa, vqa_preds = scoring.score_vqa(ckpt, world.eval_dirs["vqav2"], template)
+        cap = run_eval(runner, f"eval_caption_{name}", "coco", ckpt, world.eval_dirs["coco"],
+                       eval_out / f"caption_{name}", status)
+        vqa = run_eval(runner, f"eval_vqa_{name}", "vqav2", ckpt, world.eval_dirs["vqav2"],
+                       eval_out / f"vqa_{name}", status, extra=["--prompt", template])
         metrics[name] = {**cap, **vqa}
-        if name == "stage2":
-            predictions = {"captions": cap_preds, "answers": vqa_preds}
-    (eval_out).mkdir(parents=True, exist_ok=True)
-    (eval_out / "predictions.json").write_text(json.dumps(predictions))
-    return metrics, "built-in (blip2 eval not installed)", predictions
+    metrics["baselines"] = _scored_baselines(runner, world, eval_out, status)
+    return metrics, "blip2 eval", _read_predictions(eval_out)
 
 
 def _scored_baselines(runner: Runner, world, eval_out: Path, status) -> dict[str, float]:
