@@ -165,3 +165,14 @@ def test_plot_writes_curves_of_a_run(stage1_run, tmp_path):
     empty.mkdir()
     result = CliRunner().invoke(app, ["plot", str(empty)])
     assert result.exit_code != 0 and "no metrics.jsonl" in str(result.exception)
+
+
+def test_launch_counts_shard_files_and_rejects_missing_ones(shards, tmp_path):
+    from blip2cli.training.launch import plan_pretrain
+
+    directory = str(Path(shards[0]).parent)
+    plan = plan_pretrain(1, "tiny_stage1", [f"data.shards={json.dumps([directory])}"], out=tmp_path / "run")
+    assert plan.shard_files == 2 and plan.shards == [directory]
+    with pytest.raises(Blip2Error, match="shard not found"):
+        plan_pretrain(1, "tiny_stage1", [f"data.shards={json.dumps([directory + '/{00000..00005}.tar'])}"],
+                      out=tmp_path / "run")

@@ -50,7 +50,7 @@ def _run(plan, resume: str, dry_run: bool, device: str) -> None:
 
     for note in plan.notes:
         stderr.print(f"[yellow]{note}[/yellow]")
-    stderr.print(f"recipe {plan.recipe_name} -> {plan.run_dir} ({len(plan.shards)} shard(s))")
+    stderr.print(f"recipe {plan.recipe_name} -> {plan.run_dir} ({plan.shard_files} shard file(s))")
     train(plan.recipe, plan.run_dir, plan.shards, resume=resume, dry_run=dry_run, device=device, console=stderr)
 
 

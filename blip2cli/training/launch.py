@@ -30,8 +30,9 @@ class LaunchPlan:
     recipe: Recipe
     recipe_name: str
     run_dir: Path
-    shards: list[str]
+    shards: list[str]  # as given: paths, brace patterns, directories, URLs
     notes: list[str]
+    shard_files: int = 0  # the shards those expand to
 
 
 def default_recipe_name(stage: int, vision: str | None, llm: str | None) -> str:
@@ -95,7 +96,11 @@ def _finish(recipe: Recipe, name: str, out: Path | None, root: str | None, notes
             f"no training shards: set data.shards=... or download data into the workspace "
             f"({workspace_root(root)}) with `blip2 download pretrain`"
         )
-    return LaunchPlan(recipe, recipe_name, run_dir, shards, notes)
+    from blip2cli.data.training import expand_shards
+
+    # Expanding now turns a missing shard into a one-line error before any model is built.
+    shard_files = sum(len(expand_shards(spec)) for spec in shards)
+    return LaunchPlan(recipe, recipe_name, run_dir, shards, notes, shard_files)
 
 
 def workspace_shards(root: str | None = None) -> list[str]:

@@ -169,7 +169,7 @@ def train(
                 history.append(record)
                 if logger:
                     logger.log(record)
-                    say(_format_record(record, recipe.train.max_steps), highlight=False)
+                    say(_format_record(record, recipe.train.max_steps), highlight=False, soft_wrap=True)
                 last_log_time, samples_since_log = now, 0
 
             if validation.due(step):
