@@ -143,7 +143,7 @@ class EvalSection:
 
 @dataclass
 class DistSection:
-    strategy: str = _f("ddp", "ddp. fsdp is reserved for sharding stage 2 with large LLMs and not implemented yet (an error at start).")
+    strategy: str = _f("ddp", "ddp: a full replica per process. fsdp (stage 2): PyTorch FSDP2 shards the frozen LLM and image encoder block by block, the Q-Former and the rest over the processes, for LLMs too large to replicate; with one process it trains unsharded.")
     find_unused_parameters: bool = _f(False, "DDP find_unused_parameters (needed only when a loss is switched off mid-graph).")
 
 
@@ -231,6 +231,13 @@ class Recipe:
         check(e.limit >= 0, "eval.limit", "must be >= 0 (0 = all)")
         check(all(name in LOGGERS for name in t.loggers), "train.loggers", f"must name only {', '.join(LOGGERS)}")
         check(self.dist.strategy in STRATEGIES, "dist.strategy", f"must be one of {', '.join(STRATEGIES)}")
+        if self.dist.strategy == "fsdp":
+            check(m.stage == 2, "dist.strategy", "fsdp shards stage-2 models (large frozen LLMs); train stage 1 with ddp")
+            # Generation under FSDP needs every rank to run the same number of forward passes; eval.task's
+            # generation does not guarantee that. The held-out loss (data.val_shards) works.
+            check(not (t.eval_every and e.task), "eval.task",
+                  "in-loop generation is not supported with dist.strategy=fsdp; keep the held-out loss "
+                  "(data.val_shards) and run `blip2 eval` on the saved checkpoint")
         return self
 
 

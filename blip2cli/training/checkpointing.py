@@ -17,6 +17,10 @@ Frozen weights (the image encoder and the LLM: most of the bytes) are not copied
 ``state.json`` holds a manifest naming where they came from and a fingerprint of their values; resuming
 rebuilds them from the recipe and refuses to continue if the fingerprint differs (LAVIS #153, #114).
 
+Under ``dist.strategy = "fsdp"`` the files are the same: every rank helps gather the full trainable weights
+and optimizer state onto rank 0, which writes them (``sharding.gather_training_state``), so a checkpoint
+resumes under either strategy.
+
 A checkpoint is written into a temporary directory and renamed into place, and ``latest`` is replaced
 only after that: a kill during a save leaves the previous checkpoint as the latest, never a torn one.
 """
@@ -83,14 +87,19 @@ def save_training_checkpoint(
     scaler: torch.amp.GradScaler | None,
     state: dict[str, Any],
     keep_last: int,
+    weights: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``RUN/step-N`` atomically, point ``latest`` at it, then prune older step checkpoints."""
+    """Write ``RUN/step-N`` atomically, point ``latest`` at it, then prune older step checkpoints.
+
+    ``weights`` / ``optimizer_state`` replace ``trainable_state(model)`` / ``optimizer.state_dict()`` when
+    the caller gathered them already (a sharded model: ``sharding.gather_training_state``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / step_dir_name(step)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=run_dir))
     try:
-        save_file(trainable_state(model), tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(weights if weights is not None else trainable_state(model), tmp / "trainable.safetensors")
+        torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
         full_state = {**state, "step": step, "scaler": scaler.state_dict() if scaler is not None else None}
         (tmp / "state.json").write_text(json.dumps(full_state, indent=2, sort_keys=True) + "\n")
@@ -155,18 +164,28 @@ def load_training_checkpoint(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
     map_location: torch.device | str = "cpu",
+    fingerprint: str | None = None,
 ) -> dict[str, Any]:
     """Restore trainable weights, optimizer and scaler; return the saved state (step, data...) with the RNG
     states under ``"rng"``, for the caller to restore with ``restore_rng_state`` once the data pipeline is
-    built (building a DataLoader iterator draws from the global RNG)."""
+    built (building a DataLoader iterator draws from the global RNG).
+
+    ``fingerprint``: ``frozen_fingerprint(model)`` computed by the caller (before sharding: the fingerprint
+    of a sharded model would cover each rank's shards only). A sharded (FSDP) model is restored through
+    ``sharding.load_training_state``, a collective every rank calls."""
+    from blip2cli.training.sharding import is_sharded, load_training_state
+
+    sharded = is_sharded(model)
     try:
         state = json.loads((path / "state.json").read_text())
-        weights = load_file(path / "trainable.safetensors", device=str(map_location))
-        optimizer_state = torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True)
+        # Sharded: every rank reads the full tensors on the CPU and keeps its own shards of them.
+        device = "cpu" if sharded else map_location
+        weights = load_file(path / "trainable.safetensors", device=str(device))
+        optimizer_state = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
         rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
     except Exception as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
-    expected = set(trainable_state(model))
+    expected = {name for name, p in model.named_parameters() if p.requires_grad}
     if set(weights) != expected:
         missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
         raise CheckpointError(
@@ -174,17 +193,20 @@ def load_training_checkpoint(
             "was the recipe changed?"
         )
     manifest = state.get("manifest", {})
-    fingerprint = manifest.get("frozen_fingerprint")
-    if fingerprint and fingerprint != frozen_fingerprint(model):
+    saved = manifest.get("frozen_fingerprint")
+    if saved and saved != (fingerprint if fingerprint is not None else frozen_fingerprint(model)):
         raise CheckpointError(
             f"the frozen weights differ from those {path} was trained with ({manifest.get('frozen_sources')}); "
             "resume with the same image encoder and LLM"
         )
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(optimizer_state)
+    if sharded:
+        load_training_state(model, optimizer, weights, optimizer_state)
+    else:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)
+        optimizer.load_state_dict(optimizer_state)
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     state["rng"] = rng

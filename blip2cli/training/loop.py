@@ -2,7 +2,8 @@
 
 One function, ``train``: set up (process group, model, optimizer, data, resume) -> loop over optimizer
 steps (gradient accumulation up to the global batch, mixed precision, clipping, schedule) -> checkpoints
-and metrics. It runs unchanged in one CPU process without ``torch.distributed`` and under torchrun.
+and metrics. It runs unchanged in one CPU process without ``torch.distributed`` and under torchrun, where
+the model is replicated (DDP) or, with ``dist.strategy = "fsdp"``, sharded (``sharding.py``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import dataclasses
 import math
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from blip2cli.training.checkpointing import (
 from blip2cli.training.distributed import DistEnv, init_distributed, mean_across_ranks, sum_counts_across_ranks
 from blip2cli.training.loggers import MetricsLogger
 from blip2cli.training.optim import build_optimizer, learning_rate, set_learning_rate
+from blip2cli.training.sharding import gather_training_state, is_sharded, shard_model, unsharded_copy
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -72,27 +74,34 @@ def train(
 
     corpus = read_captions(shards, limit=5000) if _needs_corpus(recipe) else []
     built = build_model(recipe, corpus)
-    model = built.model.to(env.device)
+    fsdp = _use_fsdp(recipe, env, say)
+    # FSDP moves each group to the device as it shards it: the whole model never has to fit on one GPU.
+    model = built.model if fsdp else built.model.to(env.device)
     counts = model.parameter_counts()
     say(f"model: {counts['trainable']:,} trainable / {counts['frozen']:,} frozen parameters")
 
     accumulation = _accumulation_steps(recipe, env)
-    optimizer = build_optimizer(model, recipe.optim)
     amp_dtype = AMP_DTYPES.get(recipe.train.precision)
     if amp_dtype is torch.bfloat16 and env.device.type == "cuda" and not torch.cuda.is_bf16_supported():
         amp_dtype = torch.float16  # bf16 where supported, fp16 with loss scaling otherwise
     scaler = torch.amp.GradScaler(env.device.type) if amp_dtype is torch.float16 else None
+    # Before sharding: a sharded model's parameters are each rank's shards only.
     manifest = {"frozen_sources": built.sources, "frozen_fingerprint": frozen_fingerprint(model)}
+    if fsdp:
+        shard_model(model, env.device, env.world_size, amp_dtype)
+    optimizer = build_optimizer(model, recipe.optim)  # after sharding: it holds the parameter shards
 
     start_step, rng_state = 0, None
     resume_from = resolve_resume(resume, run_dir)
     if resume_from is not None:
-        state = load_training_checkpoint(resume_from, model, optimizer, scaler, map_location=env.device)
+        state = load_training_checkpoint(resume_from, model, optimizer, scaler, map_location=env.device,
+                                         fingerprint=manifest["frozen_fingerprint"])
         start_step, rng_state = int(state["step"]), state["rng"]
         say(f"resumed from {resume_from} at step {start_step}")
-    elif env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.toml").write_text(recipe_to_toml(recipe))
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)  # also when resuming another run's checkpoint into a new one
+        if resume_from is None or not (run_dir / "recipe.toml").exists():
+            (run_dir / "recipe.toml").write_text(recipe_to_toml(recipe))
 
     loader = _train_loader(recipe, shards, env, skip_batches=start_step * accumulation)
     batches = iter(loader)
@@ -128,7 +137,7 @@ def train(
                     skipped_total[reason] = skipped_total.get(reason, 0) + n
                 inputs = batcher(batch, step=step * accumulation + micro, device=env.device)
                 sync = micro == accumulation - 1 or not env.distributed
-                with (nullcontext() if sync else trained.no_sync()):
+                with _gradient_sync(trained, model, sync, fsdp):
                     with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         out = trained(**inputs)
                     loss = out["loss"] / accumulation
@@ -144,7 +153,9 @@ def train(
             grad_norm = None
             if recipe.optim.grad_clip > 0:
                 params = [p for p in model.parameters() if p.requires_grad]
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, recipe.optim.grad_clip))
+                norm = torch.nn.utils.clip_grad_norm_(params, recipe.optim.grad_clip)
+                # Under FSDP the norm is a DTensor (already the norm over every rank's shards).
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()
@@ -192,8 +203,12 @@ def train(
     except KeyboardInterrupt:
         if logger:
             logger.close()
-        # No lost work: keep what the finished steps learned, then let the interrupt propagate.
-        if step > start_step:
+        # No lost work: keep what the finished steps learned, then let the interrupt propagate. Not under
+        # FSDP: saving gathers shards from every rank, which cannot be relied on once ranks are interrupted
+        # at different points (it would hang); the last step checkpoint is the one to resume from.
+        if fsdp:
+            say("interrupted: dist.strategy=fsdp saves only at step checkpoints; continue with --resume auto")
+        elif step > start_step:
             path = _save_step(run_dir, step, model, optimizer, scaler, manifest, accumulation, recipe, env)
             say(f"interrupted: saved {path}; continue with --resume auto")
         raise
@@ -202,9 +217,11 @@ def train(
     if logger:
         logger.close()
     final = None
+    # FSDP: every rank helps gather the full weights into an unsharded copy on rank 0.
+    to_save = unsharded_copy(model) if fsdp else model
     if env.is_main:
         final = save_model(
-            model,
+            to_save,
             run_dir / "final",
             tokenizer=built.llm_tokenizer if recipe.model.stage == 2 else built.qformer_tokenizer,
             qformer_tokenizer=built.qformer_tokenizer if recipe.model.stage == 2 else None,
@@ -228,14 +245,40 @@ def _accumulation_steps(recipe: Recipe, env: DistEnv) -> int:
     return recipe.data.global_batch_size // per_step
 
 
+def _use_fsdp(recipe: Recipe, env: DistEnv, say) -> bool:
+    """``dist.strategy = "fsdp"`` under several processes. With one process there is nothing to shard over:
+    the model trains unsharded (as with ddp), and the run says so."""
+    if recipe.dist.strategy != "fsdp":
+        return False
+    if not env.distributed:
+        say("dist.strategy=fsdp with one process: nothing to shard over, training unsharded")
+        return False
+    return True
+
+
+def _gradient_sync(wrapped, model, sync: bool, sharded: bool):
+    """Skip the gradient all-reduce / reduce-scatter on micro-batches that are not the step's last."""
+    if sync:
+        return nullcontext()
+    if sharded:
+        return _fsdp_no_sync(model)
+    return wrapped.no_sync()
+
+
+@contextmanager
+def _fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
 def _wrap(model, recipe: Recipe, env: DistEnv):
-    if recipe.dist.strategy == "fsdp":
-        # Declared in the schema so recipes can name it, but sharded checkpointing is not written yet.
-        raise Blip2Error("dist.strategy=fsdp is not implemented yet; use dist.strategy=ddp (frozen parts in fp16/bf16)")
     if recipe.train.grad_checkpointing:
         model.qformer.gradient_checkpointing_enable()
     wrapped = model
-    if env.distributed:
+    if env.distributed and recipe.dist.strategy != "fsdp":  # an FSDP model is sharded in place already
         from torch.nn.parallel import DistributedDataParallel
 
         wrapped = DistributedDataParallel(
@@ -270,10 +313,15 @@ def _train_loader(recipe: Recipe, shards: list[str], env: DistEnv, skip_batches:
 
 
 def _save_step(run_dir, step, model, optimizer, scaler, manifest, accumulation, recipe, env) -> Path | None:
+    gathered = {}
+    if is_sharded(model):  # every rank takes part in gathering the full tensors onto rank 0
+        weights, optimizer_state = gather_training_state(model, optimizer)
+        gathered = {"weights": weights, "optimizer_state": optimizer_state}
     if not env.is_main:
         return None
     state = {"manifest": manifest, "data": {"micro_batches_consumed": step * accumulation}}
-    return save_training_checkpoint(run_dir, step, model, optimizer, scaler, state, recipe.train.keep_last)
+    return save_training_checkpoint(run_dir, step, model, optimizer, scaler, state, recipe.train.keep_last,
+                                    **gathered)
 
 
 def _format_record(record: dict[str, Any], max_steps: int) -> str:
