@@ -13,13 +13,13 @@ from blip2cli.cli._common import quiet_libraries, stderr
 DEMO_EXAMPLES = """
 Examples:
 
-  blip2 demo                                  # full size, into ./blip2-demo (about 10-15 minutes on 2 CPU cores)
+  blip2 demo                                  # full size, into ./blip2-demo (about 10 minutes on 2 CPU cores)
 
   blip2 demo --size small --out /tmp/demo     # a smaller world and fewer steps (about 9 minutes on 2 cores)
 
   blip2 demo --no-ablation                    # skip the stage-2-without-stage-1 comparison
 
-  blip2 demo --stage1-steps 800               # train stage 1 longer
+  blip2 demo --stage1-steps 2000              # train stage 1 longer
 
 Afterwards: blip2 ask blip2-demo/world/images/test/000000000001.jpg --model blip2-demo/runs/stage2/final
 """

@@ -10,7 +10,11 @@ BLIP-2 assumes an image encoder and an LLM that were pre-trained separately; the
   which is what the captions talk about.
 - **Language model** (``lm/``, an ``OPTForCausalLM`` with an OPT-style byte-level BPE trained here): next
   token prediction on text alone (captions and "question ... answer ..." lines, each ending in "\\n",
-  BLIP-2's OPT end of text).
+  BLIP-2's OPT end of text). Related documents (a caption, then a paraphrase or a question it answers) are
+  packed one after the other, each behind its own ``</s>``, as LLM pre-training packs documents. That is
+  what makes the frozen LM usable in stage 2: it learns to read what stands before its ``</s>``, which
+  is where the visual prompts go. Trained on each line alone it ignored anything before ``</s>`` and
+  stage-2 VQA stayed at the majority answer (colour questions at chance).
 - **Q-Former text side** (``bert/``, a ``BertForMaskedLM`` + WordPiece vocabulary with ``[DEC]``): masked
   language modelling on the same text, plus a sentence-level term: from the ``[CLS]`` output a throwaway
   linear head predicts which words the sentence contains (bag of words). MLM alone leaves ``[CLS]``
@@ -33,6 +37,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from blip2cli.demo.world import DOCUMENT_BREAK
 from blip2cli.models.config import CLIP_MEAN, CLIP_STD
 
 IMAGE_SIZE = 32
@@ -48,7 +53,7 @@ BERT = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermed
 @dataclass
 class Steps:
     vision: int = 300
-    lm: int = 300
+    lm: int = 1500  # the LM learns to read what precedes its "</s>" only after ~1000 steps
     bert: int = 200
     batch: int = 64
 
@@ -141,7 +146,7 @@ def pretrain_lm(texts: Sequence[str], out: Path, steps: int = 300, batch: int = 
     from blip2cli.tokenizer_training import train_opt_tokenizer
 
     torch.manual_seed(seed)
-    tokenizer = train_opt_tokenizer(texts, vocab_size=400)
+    tokenizer = train_opt_tokenizer([t.replace(DOCUMENT_BREAK, " ") for t in texts], vocab_size=400)
     config = OPTConfig(
         vocab_size=len(tokenizer), word_embed_proj_dim=LM["hidden_size"], max_position_embeddings=96,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
@@ -158,10 +163,9 @@ def pretrain_lm(texts: Sequence[str], out: Path, steps: int = 300, batch: int = 
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, steps, 3e-3)
-        chunk = [t + "\n" for t in rng.sample(list(texts), batch)]
-        enc = tokenizer(chunk, padding=True, padding_side="right", return_tensors="pt")
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        loss = model(**enc, labels=labels).loss
+        input_ids, attention_mask = _packed_batch(tokenizer, rng.sample(list(texts), batch))
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -175,6 +179,19 @@ def pretrain_lm(texts: Sequence[str], out: Path, steps: int = 300, batch: int = 
     return losses
 
 
+def _packed_batch(tokenizer, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids of ``texts``; a text made of several documents (joined by ``DOCUMENT_BREAK``) is
+    packed the way LLM pre-training packs documents: each one ``</s> document \\n`` after the other."""
+    rows = [[tid for doc in text.split(DOCUMENT_BREAK) for tid in tokenizer(doc + "\n")["input_ids"]] for text in texts]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
 def pretrain_bert(texts: Sequence[str], out: Path, steps: int = 200, batch: int = 64, seed: int = 0,
                   progress: Progress | None = None) -> list[float]:
     """Masked LM on text only; saves a ``BertForMaskedLM`` + tokenizer (with ``[DEC]``) to ``out``."""
@@ -183,7 +200,7 @@ def pretrain_bert(texts: Sequence[str], out: Path, steps: int = 200, batch: int 
     from blip2cli.tokenizer_training import train_bert_tokenizer
 
     torch.manual_seed(seed)
-    tokenizer = train_bert_tokenizer(texts, vocab_size=400)
+    tokenizer = train_bert_tokenizer([t.replace(DOCUMENT_BREAK, " ") for t in texts], vocab_size=400)
     config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **BERT)
     model = BertForMaskedLM(config)
@@ -197,7 +214,8 @@ def pretrain_bert(texts: Sequence[str], out: Path, steps: int = 200, batch: int 
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, steps, 2e-3)
-        enc = tokenizer(rng.sample(list(texts), batch), padding=True, return_tensors="pt")
+        enc = tokenizer([t.replace(DOCUMENT_BREAK, " ") for t in rng.sample(list(texts), batch)], padding=True,
+                        return_tensors="pt")
         ids = enc["input_ids"]
         candidates = ~torch.isin(ids, special)
         chosen = (torch.rand(ids.shape, generator=gen) < 0.15) & candidates

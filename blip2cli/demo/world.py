@@ -16,9 +16,9 @@ Written files (``write_world``)::
     captions.csv          url (local path), caption: image-caption pairs for ``blip2 download pretrain custom``
     captions_photo.csv    the same captions behind the captioning prompt "a photo of " (stage 2)
     vqa_train.csv         url, caption: "question ... answer ..." texts about the training pictures (2 each)
-    text_corpus.txt       text only, for the unimodal LM/BERT: captions, QA lines, and documents where a
-                          caption is followed by a paraphrase or by a question it answers (so the LM
-                          learns to read its context, as real LLMs do)
+    text_corpus.txt       text only, for the unimodal LM/BERT: captions, QA lines, and lines of two related
+                          documents, a caption and then (after a tab, DOCUMENT_BREAK) a "a photo of"
+                          paraphrase or a question it answers (so the LM learns to read its context)
     eval/coco|flickr30k|vqav2/manifest.json + annotation files in the official formats (held-out split)
     world.json            the attribute tuples of every picture and the held-out pairs
 """
@@ -70,6 +70,10 @@ VQA_PROMPT_TEMPLATE = "question {} answer"  # the stage-2 / eval prompt (survive
 # Stage 2 trains captions behind BLIP-2's captioning prompt (LAVIS prepends it to COCO captions), so that
 # captioning (`blip2 eval coco`'s default prompt) and question answering ("question ...") are told apart.
 CAPTION_PROMPT = "a photo of "
+# Joins the documents of one text-corpus line. The LM pre-trains on such lines packed as LLM pre-training
+# packs documents ("</s> caption \\n </s> question ... answer ... \\n"), so it learns to use what came
+# before its "</s>": in stage 2 the visual prompts stand exactly there, in front of "</s> question ...".
+DOCUMENT_BREAK = "\t"
 
 
 @dataclass(frozen=True)
@@ -307,7 +311,8 @@ def _write_eval(root: Path, records: list[tuple[int, Scene]], img_test: Path) ->
 def _write_text_corpus(path: Path, n_lines: int, seed: int) -> None:
     """Text-only data for the unimodal LM and BERT, about random scenes of *all* attribute tuples (language
     knows every phrase; only the image-text pairs hold pairs out). A quarter each: a caption, a QA line,
-    a caption followed by a paraphrase of itself, a caption followed by a question it answers."""
+    a caption and then a "a photo of" paraphrase of it, a caption and then a question it answers (two
+    documents joined by ``DOCUMENT_BREAK``)."""
     rng = random.Random(seed + 99)
     scenes = all_scenes()
     lines = []
@@ -321,7 +326,7 @@ def _write_text_corpus(path: Path, n_lines: int, seed: int) -> None:
         elif kind == 1:
             lines.append(qa_text(q, a))
         elif kind == 2:
-            lines.append(cap + " " + caption(scene, rng.randrange(len(TEMPLATES))))
+            lines.append(cap + DOCUMENT_BREAK + CAPTION_PROMPT + caption(scene, rng.randrange(len(TEMPLATES))))
         else:
-            lines.append(cap + " " + qa_text(q, a))
+            lines.append(cap + DOCUMENT_BREAK + qa_text(q, a))
     path.write_text("\n".join(lines) + "\n")
