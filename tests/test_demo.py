@@ -122,6 +122,49 @@ def test_unimodal_pretraining_lowers_each_loss_and_saves_loadable_parts(small_wo
     assert AutoTokenizer.from_pretrained(tmp_path / "bert").bos_token == "[DEC]"
 
 
+def test_vision_pretraining_keeps_where_the_shape_is(small_world, tmp_path):
+    """The patch-position term: an attention-pooling probe (8 queries cross-attending to the features the
+    Q-Former reads: penultimate layer, normalised like ln_vision) learns the shape's position from labels;
+    on the same encoder trained without the term it stays at chance (5 positions)."""
+    import torch
+    from transformers import ViTModel
+
+    from blip2cli.demo.unimodal import _images_to_tensor, pretrain_vision
+
+    images = sorted((small_world.root / "images" / "train").glob("*.jpg"))[:512]
+    labels = torch.tensor([W.POSITIONS.index(scene.position) for scene in small_world.train[:512]])
+    pixels = _images_to_tensor(images)
+
+    def position_probe_accuracy(position_weight: float) -> float:
+        out = tmp_path / f"vision_{position_weight}"
+        pretrain_vision(images, out, steps=200, batch=32, position_weight=position_weight)
+        with torch.no_grad():
+            hidden = ViTModel.from_pretrained(out)(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        features = torch.nn.functional.layer_norm(hidden, hidden.shape[-1:])
+        torch.manual_seed(0)
+        attention = torch.nn.MultiheadAttention(hidden.shape[-1], 4, batch_first=True)
+        queries = torch.nn.Parameter(torch.randn(8, hidden.shape[-1]) * 0.3)
+        head = torch.nn.Linear(8 * hidden.shape[-1], len(W.POSITIONS))
+        opt = torch.optim.AdamW([queries, *attention.parameters(), *head.parameters()], 2e-3)
+
+        def classify(f: torch.Tensor) -> torch.Tensor:
+            return head(attention(queries.expand(len(f), -1, -1), f, f)[0].flatten(1))
+
+        batches = torch.Generator().manual_seed(0)
+        for _ in range(300):
+            i = torch.randint(400, (64,), generator=batches)
+            loss = torch.nn.functional.cross_entropy(classify(features[i]), labels[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            return (classify(features[400:]).argmax(1) == labels[400:]).float().mean().item()
+
+    with_term, without = position_probe_accuracy(0.1), position_probe_accuracy(0.0)
+    assert with_term > 0.6, with_term
+    assert without < 0.35, without
+
+
 def test_lm_pretraining_packs_related_documents_like_llm_pretraining(small_world):
     """A corpus line of two documents becomes "</s> doc1 \\n </s> doc2 \\n": in stage 2 the visual
     prompts stand where doc1 stood, in front of the second "</s>"."""
@@ -169,33 +212,29 @@ def test_demo_small_learns_far_above_baselines(small_demo):
     """The whole demo at reduced size (real commands end to end): held-out metrics far above baselines."""
     m, b, out = small_demo.metrics, small_demo.baselines, small_demo.out
     chance = b["retrieval_chance_r1"]
-    # ITC alone (the demo's `--k-test 1` diagnostic) clears 10x chance. ITM re-ranking, the paper's protocol,
-    # reorders ITC's top candidates by an ITM head that learns late on this data, and costs R@1 here
-    # (the full-size demo still clears 10x); see the xfail test below.
+    # R@1 at least 10x chance, with ITM re-ranking (the paper's protocol) and with ITC alone (the demo's
+    # `--k-test 1` diagnostic; ITM learns late on this data, and re-ranking costs some R@1 here)
+    assert m["stage1"]["txt_r1"] >= 10 * chance
+    assert m["stage1"]["img_r1"] >= 10 * chance
     assert m["stage1_itc"]["txt_r1"] >= 10 * chance
     assert m["stage1_itc"]["img_r1"] >= 10 * chance
-    assert m["stage1"]["txt_r1"] >= 5 * chance
-    assert m["stage1"]["img_r1"] >= 5 * chance
     # VQA: twice the majority answer, and above even the per-question-type majority (a language-only prior)
     assert m["stage2"]["accuracy"] >= 2 * b["vqa_majority"]
     assert m["stage2"]["accuracy"] > b["vqa_type_majority"] + 10
     assert m["stage2"]["CIDEr"] >= 2 * b["caption_constant_cider"]
+    assert m["stage2"]["CIDEr"] > m["stage2_no_stage1"]["CIDEr"]  # stage 1 helps captioning (Figure 5)
     assert (out / "losses.png").is_file() and (out / "gallery.png").is_file()
     assert small_demo.ask["answer"]
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 6 targets not all reached by the miniature: VQA reaches ~50-60 of the "
-                   "~71 needed (shape and position questions stay near chance), stage 1's advantage over a "
-                   "fresh Q-Former in stage 2 is small and varies from run to run, and at this size ITM "
-                   "re-ranking can pull image R@1 under 10x chance (see the demo report)")
+@pytest.mark.xfail(strict=False, reason="issue 6 targets not all reached by the miniature: VQA reaches ~63-69 of the "
+                   "~71 needed (shape questions stay near chance, yes/no questions near 60%), and at this size "
+                   "stage 1's VQA advantage over a fresh Q-Former varies from run to run (see the demo report)")
 def test_demo_small_meets_issue_targets(small_demo):
     m, b = small_demo.metrics, small_demo.baselines
     majority = b["vqa_majority"]
-    assert m["stage1"]["txt_r1"] >= 10 * b["retrieval_chance_r1"]
-    assert m["stage1"]["img_r1"] >= 10 * b["retrieval_chance_r1"]
     assert m["stage2"]["accuracy"] >= majority + 2 / 3 * (100 - majority)
     assert m["stage2"]["accuracy"] > m["stage2_no_stage1"]["accuracy"]
-    assert m["stage2"]["CIDEr"] > m["stage2_no_stage1"]["CIDEr"]
     out = small_demo.out
     assert _early_mean_loss(out / "runs" / "stage2") < _early_mean_loss(out / "runs" / "stage2_no_stage1")

@@ -7,7 +7,13 @@ BLIP-2 assumes an image encoder and an LLM that were pre-trained separately; the
   (transformers' ``ViTForMaskedImageModeling``): half of the 4x4-pixel patches are replaced by a learned
   mask token and the encoder must reconstruct their pixels (L1). Unlike contrastive objectives with
   colour jitter, flips or crops, reconstruction keeps colour, position and shape in the features,
-  which is what the captions talk about.
+  which is what the captions talk about. A second, small image-only term keeps *where* each token is:
+  a throwaway linear head must tell each token's patch index from the features the Q-Former reads
+  (``POSITION_LOSS_WEIGHT``). Without it the tiny ViT keeps position only in weak directions of its
+  penultimate features (least squares still finds each token's patch, but a regularised linear probe
+  only 60% of the time), and the Q-Former's cross-attention cannot route a query to one region: even
+  trained on position labels, an attention-pooling probe stayed at chance (19%); with this term it
+  reads position at 99%, and colour and size stay at 97-100%.
 - **Language model** (``lm/``, an ``OPTForCausalLM`` with an OPT-style byte-level BPE trained here): next
   token prediction on text alone (captions and "question ... answer ..." lines, each ending in "\\n",
   BLIP-2's OPT end of text). Related documents (a caption, then a paraphrase or a question it answers) are
@@ -47,6 +53,9 @@ LM = dict(hidden_size=96, num_hidden_layers=2, ffn_dim=256, num_attention_heads=
 # initializer_range: BERT's 0.02 is tuned for width 768; at width 64 it makes the Q-Former's fresh
 # cross-attention (initialised at the BERT's scale) pass ~1% of the image signal to the queries, and
 # stage 1 then idles at chance for hundreds of steps. 0.02 * sqrt(768 / 64) ~ 0.07 keeps the same gain.
+# Weight of the patch-position term next to the pixel reconstruction loss (~0.2 at the end): at 1.0 position
+# crowds colour out of attention-pooled features (73%); at 0.02-0.1 both are read at 98-100%.
+POSITION_LOSS_WEIGHT = 0.1
 BERT = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, initializer_range=0.07)
 
 
@@ -96,8 +105,9 @@ def _lr_at(step: int, total: int, peak: float, warmup: int = 20) -> float:
 
 
 def pretrain_vision(image_paths: Sequence[Path], out: Path, steps: int = 300, batch: int = 64, seed: int = 0,
-                    progress: Progress | None = None) -> list[float]:
-    """Masked image modelling on pictures only; saves a ``ViTModel`` to ``out``. Returns the loss curve."""
+                    progress: Progress | None = None, position_weight: float = POSITION_LOSS_WEIGHT) -> list[float]:
+    """Masked image modelling (plus the patch-position term) on pictures only; saves a ``ViTModel`` to
+    ``out``. Returns the curve of the reconstruction loss."""
     from transformers import ViTConfig, ViTForMaskedImageModeling
 
     torch.manual_seed(seed)
@@ -106,7 +116,9 @@ def pretrain_vision(image_paths: Sequence[Path], out: Path, steps: int = 300, ba
     model = ViTForMaskedImageModeling(config)
     images = _images_to_tensor(image_paths)
     n_patches = (IMAGE_SIZE // PATCH) ** 2
-    opt = _adamw(model.parameters(), 2e-3)
+    position_head = torch.nn.Linear(config.hidden_size, n_patches)  # discarded after pretraining
+    patch_index = torch.arange(n_patches).repeat(batch)
+    opt = _adamw([*model.parameters(), *position_head.parameters()], 2e-3)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     model.train()
@@ -115,12 +127,16 @@ def pretrain_vision(image_paths: Sequence[Path], out: Path, steps: int = 300, ba
             g["lr"] = _lr_at(step, steps, 2e-3)
         idx = torch.randint(len(images), (batch,), generator=gen)
         mask = torch.rand(batch, n_patches, generator=gen).argsort(dim=1) < n_patches // 2
-        loss = model(pixel_values=images[idx], bool_masked_pos=mask).loss
+        res = model(pixel_values=images[idx], bool_masked_pos=mask, output_hidden_states=True)
+        # hidden_states[-2]: the penultimate layer, which BLIP-2 (and `hf:` encoders) hand to the Q-Former
+        patch_tokens = res.hidden_states[-2][:, 1:]
+        position_loss = torch.nn.functional.cross_entropy(position_head(patch_tokens).flatten(0, 1), patch_index)
+        loss = res.loss + position_weight * position_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(loss.item())
+        losses.append(res.loss.item())
         if progress:
             progress("vision", step + 1, steps, losses[-1])
     encoder = model.vit
