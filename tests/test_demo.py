@@ -213,13 +213,12 @@ def test_demo_small_learns_far_above_baselines(small_demo):
     """The whole demo at reduced size (real commands end to end): held-out metrics far above baselines."""
     m, b, out = small_demo.metrics, small_demo.baselines, small_demo.out
     chance = b["retrieval_chance_r1"]
-    # ITC alone (the demo's `--k-test 1` diagnostic) clears 10x chance. ITM re-ranking, the paper's protocol,
-    # reorders ITC's top candidates by an ITM head that learns late on this data, and can cost R@1 at this
-    # size (the full-size demo clears 10x); see the xfail test below.
+    # R@1 at least 10x chance, with ITM re-ranking (the paper's protocol) and with ITC alone (the demo's
+    # `--k-test 1` diagnostic; ITM learns late on this data, and re-ranking costs some R@1 here)
+    assert m["stage1"]["txt_r1"] >= 10 * chance
+    assert m["stage1"]["img_r1"] >= 10 * chance
     assert m["stage1_itc"]["txt_r1"] >= 10 * chance
     assert m["stage1_itc"]["img_r1"] >= 10 * chance
-    assert m["stage1"]["txt_r1"] >= 5 * chance
-    assert m["stage1"]["img_r1"] >= 5 * chance
     # VQA: twice the majority answer, and above even the per-question-type majority (a language-only prior)
     assert m["stage2"]["accuracy"] >= 2 * b["vqa_majority"]
     assert m["stage2"]["accuracy"] > b["vqa_type_majority"] + 10
@@ -230,13 +229,11 @@ def test_demo_small_learns_far_above_baselines(small_demo):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=False, reason="issue 6 targets not all reached by the reduced-size demo (the full size "
-                   "meets them, VQA only just): VQA reaches ~55-63 of the ~71 needed, stage 1's advantage over a "
-                   "fresh Q-Former varies from run to run, and ITM re-ranking can pull R@1 under 10x chance")
+                   "meets them, VQA only just): VQA reaches ~55-66 of the ~71 needed, and stage 1's advantage "
+                   "over a fresh Q-Former varies from run to run")
 def test_demo_small_meets_issue_targets(small_demo):
     m, b = small_demo.metrics, small_demo.baselines
     majority = b["vqa_majority"]
-    assert m["stage1"]["txt_r1"] >= 10 * b["retrieval_chance_r1"]
-    assert m["stage1"]["img_r1"] >= 10 * b["retrieval_chance_r1"]
     assert m["stage2"]["accuracy"] >= majority + 2 / 3 * (100 - majority)
     assert m["stage2"]["accuracy"] > m["stage2_no_stage1"]["accuracy"]
     assert m["stage2"]["CIDEr"] > m["stage2_no_stage1"]["CIDEr"]

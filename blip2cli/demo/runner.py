@@ -45,7 +45,7 @@ class DemoSize:
 
 DEMO_SIZES = {
     "full": DemoSize("full", vision_steps=400, lm_steps=1500, bert_steps=250, stage1_steps=1000, stage2_steps=2000),
-    "small": DemoSize("small", vision_steps=300, lm_steps=1500, bert_steps=200, stage1_steps=800, stage2_steps=1200),
+    "small": DemoSize("small", vision_steps=400, lm_steps=1500, bert_steps=200, stage1_steps=800, stage2_steps=1200),
 }
 
 
