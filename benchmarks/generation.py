@@ -1,6 +1,7 @@
 """blip2 vs transformers: generation and stage-2 training step, same weights, outputs checked identical.
 
     python benchmarks/generation.py                    # tiny configs, CPU (seconds)
+    python benchmarks/generation.py --size small --batches 1,8 --repeats 1   # OPT-125M-shaped LLM, CPU (minutes)
     python benchmarks/generation.py --size real        # OPT-2.7B + ViT-g, random weights, bf16 on a GPU
 
 Both sides share one set of modules: transformers' ``Blip2ForConditionalGeneration`` is built from a
@@ -34,6 +35,18 @@ def build_config(size: str) -> Blip2Config:
             max_position_embeddings=2048, word_embed_proj_dim=2560, pad_token_id=1, bos_token_id=2, eos_token_id=50118,
         ))
         return Blip2Config(text_config=text.to_dict(), num_query_tokens=32, image_token_index=50265)
+    if size == "small":
+        # The LLM of OPT-125M with BLIP-2's Q-Former (32 queries, BERT-base) over a small ViT: big enough for
+        # the LLM to dominate, as at real size, and small enough for a CPU.
+        text = OPTConfig(vocab_size=50272, hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12,
+                         max_position_embeddings=2048, word_embed_proj_dim=768, pad_token_id=1, bos_token_id=2,
+                         eos_token_id=50118)
+        return Blip2Config(
+            vision_config=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=6,
+                               image_size=112, patch_size=14),
+            qformer_config=dict(encoder_hidden_size=384),
+            text_config=text.to_dict(), num_query_tokens=32, image_token_index=50265,
+        )
     text = OPTConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
                      max_position_embeddings=128, word_embed_proj_dim=64, pad_token_id=1, bos_token_id=2, eos_token_id=3)
     return Blip2Config(
@@ -61,7 +74,8 @@ def timed(fn, device, repeats: int) -> tuple[float, object]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=["tiny", "real"], default="tiny")
+    parser.add_argument("--size", choices=["tiny", "small", "real"], default="tiny")
+    parser.add_argument("--batches", default="1,32", help="comma-separated batch sizes for generation")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     parser.add_argument("--repeats", type=int, default=3)
@@ -85,7 +99,7 @@ def main() -> int:
     print(f"{'case':<34}{'blip2 s':>10}{'transformers s':>16}{'ratio':>8}  identical")
     ok = True
     for task, prompt in prompts.items():
-        for batch in (1, 32):
+        for batch in (int(b) for b in args.batches.split(",")):
             for beams in (1, 5):
                 pixel_values = torch.randn(batch, 3, image_size, image_size, device=device, dtype=dtype)
                 text_ids = torch.tensor([prompt] * batch, device=device)

@@ -153,6 +153,39 @@ def test_export_round_trip(family, tmp_path, images):
     assert _ask(tmp_path / "hf", image_path, "--num-beams", "2", "--max-new-tokens", "5") == ours
 
 
+def test_batched_beam_search_matches_transformers_with_one_prefill(hf_opt_dir, images):
+    """Beam search on a left-padded batch gives, row by row, transformers' tokens for that input alone,
+    while the LLM encodes each prompt once (transformers encodes it once per beam)."""
+    hf, processor = _hf(hf_opt_dir)
+    loaded = load_model(hf_opt_dir)
+    kwargs = dict(num_beams=3, max_new_tokens=6, min_new_tokens=1)
+    expected = []  # one input at a time: Blip2Processor pads on the right, which generation must not
+    for image, prompt in zip(images, PROMPTS):
+        hf_inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+        expected.append(hf.generate(**hf_inputs, **kwargs)[0, hf_inputs["input_ids"].shape[1]:])
+
+    batch = loaded.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    pixel_values = loaded.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    rows_seen = []
+
+    def count_rows(module, args, kwargs):
+        inputs = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]
+        rows_seen.append((inputs.shape[0], inputs.shape[1]))
+
+    hook = loaded.model.language_model.get_decoder().register_forward_pre_hook(count_rows, with_kwargs=True)
+    try:
+        ours = loaded.model.generate(pixel_values, batch["input_ids"], batch["attention_mask"], **kwargs)
+    finally:
+        hook.remove()
+    pad = loaded.tokenizer.pad_token_id
+    for row, alone in zip(ours, expected):
+        assert torch.equal(row[: len(alone)], alone) and bool((row[len(alone):] == pad).all())
+    prompt_length = tiny.NUM_QUERY_TOKENS + batch["input_ids"].shape[1]
+    assert rows_seen[0] == (2, prompt_length - 1)  # every prompt position but the last, once per input
+    assert rows_seen[1] == (2 * 3, 1)  # then the last position and each new token, per beam
+    assert all(rows == (2 * 3, 1) for rows in rows_seen[1:])
+
+
 def test_generate_refuses_max_length(hf_opt_dir, images):
     loaded = load_model(hf_opt_dir)
     pixel_values = loaded.image_processor(images=images[:1], return_tensors="pt")["pixel_values"]

@@ -13,9 +13,9 @@ from blip2cli.cli._common import quiet_libraries, stderr
 DEMO_EXAMPLES = """
 Examples:
 
-  blip2 demo                                  # full size, into ./blip2-demo (about 12 minutes on 2 CPU cores)
+  blip2 demo                                  # full size, into ./blip2-demo (about 11 minutes on 2 CPU cores)
 
-  blip2 demo --size small --out /tmp/demo     # a smaller world and fewer steps (about 9 minutes on 2 cores)
+  blip2 demo --size small --out /tmp/demo     # a smaller world and fewer steps (about 8 minutes on 2 cores)
 
   blip2 demo --no-ablation                    # skip the stage-2-without-stage-1 comparison
 
@@ -33,7 +33,7 @@ def demo(
     ablation: bool = typer.Option(True, "--ablation/--no-ablation", help="Also train stage 2 without stage 1 (the paper's Figure 5)."),
     stage1_steps: Optional[int] = typer.Option(None, "--stage1-steps", min=1, help="Stage-1 optimizer steps [default: by size]."),
     stage2_steps: Optional[int] = typer.Option(None, "--stage2-steps", min=1, help="Stage-2 optimizer steps [default: by size]."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto (the demo is sized for a CPU)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto, for every stage that computes (the demo is sized for a CPU)."),
 ) -> None:
     """Generate a synthetic image-text world, pre-train tiny unimodal parts, then run download -> stage 1 ->
     stage 2 -> eval -> ask with the real commands and report held-out metrics against their baselines."""

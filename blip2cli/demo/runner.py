@@ -44,7 +44,7 @@ class DemoSize:
 
 
 DEMO_SIZES = {
-    "full": DemoSize("full", vision_steps=400, lm_steps=1500, bert_steps=250, stage1_steps=1000, stage2_steps=2000),
+    "full": DemoSize("full", vision_steps=400, lm_steps=1500, bert_steps=250, stage1_steps=1000, stage2_steps=2400),
     "small": DemoSize("small", vision_steps=400, lm_steps=1500, bert_steps=200, stage1_steps=800, stage2_steps=1200),
 }
 
@@ -85,10 +85,11 @@ def _child_env() -> dict[str, str]:
 
 
 class Runner:
-    """Runs ``blip2`` subcommands as child processes, logging each to ``out/logs`` and timing stages."""
+    """Runs ``blip2`` subcommands as child processes, logging each to ``out/logs`` and timing stages;
+    ``device`` is the ``--device`` of every command that computes (training, eval, ask)."""
 
-    def __init__(self, out: Path, console: Console):
-        self.out, self.console = out, console
+    def __init__(self, out: Path, console: Console, device: str = "cpu"):
+        self.out, self.console, self.device = out, console, device
         self.logs = out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
 
@@ -139,7 +140,7 @@ EVAL_ARGS = {
     "coco": [],  # the paper's captioning settings: prompt "a photo of", beam 5, 8-30 new tokens
     "vqav2": ["--max-new-tokens", "5"],
 }
-COMMON_EVAL_ARGS = ["--device", "cpu", "--workers", "0", "--batch-size", "50", "--no-java"]
+COMMON_EVAL_ARGS = ["--workers", "0", "--batch-size", "50", "--no-java"]
 
 
 def run_eval(runner: Runner, name: str, task: str, checkpoint: Path | None, data_dir: Path, out_dir: Path, status,
@@ -149,7 +150,8 @@ def run_eval(runner: Runner, name: str, task: str, checkpoint: Path | None, data
     out_dir.mkdir(parents=True, exist_ok=True)
     model = ["--model", str(checkpoint)] if checkpoint is not None else []
     runner.run(name, ["eval", task, *model, "--data", str(data_dir), "--split", "test", "--out", str(out_dir),
-                      "--restart", *COMMON_EVAL_ARGS, *EVAL_ARGS.get(task, []), *(extra or [])], status)
+                      "--restart", "--device", runner.device, *COMMON_EVAL_ARGS, *EVAL_ARGS.get(task, []),
+                      *(extra or [])], status)
     return read_metrics(out_dir)
 
 
@@ -187,12 +189,13 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> DemoResult
     from blip2cli.demo import report
     from blip2cli.demo.unimodal import Steps, pretrain_unimodal
     from blip2cli.demo.world import VQA_PROMPT_TEMPLATE, write_world
+    from blip2cli.inference import resolve_device
 
     console = console or Console(stderr=True)
     size = DEMO_SIZES[options.size]
     out = options.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    runner = Runner(out, console)
+    runner = Runner(out, console, options.device)
     result = DemoResult(out)
     s1_steps = options.stage1_steps or size.stage1_steps
     s2_steps = options.stage2_steps or size.stage2_steps
@@ -215,7 +218,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> DemoResult
             texts = world.text_corpus.read_text().splitlines()
             parts = pretrain_unimodal(image_paths, texts, out / "parts",
                                       Steps(size.vision_steps, size.lm_steps, size.bert_steps), seed=options.seed,
-                                      progress=progress)
+                                      progress=progress, device=resolve_device(options.device))
         (out / "parts" / "losses.json").write_text(json.dumps(parts.losses))
 
         shards = {"captions": out / "shards" / "captions", "captions_photo": out / "shards" / "captions_photo",
@@ -224,13 +227,15 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> DemoResult
             procs = []
             for name, csv_file in (("captions", world.captions_csv), ("captions_photo", world.captions_photo_csv),
                                    ("vqa", world.vqa_csv)):
+                # One thread: img2dataset writes samples in the order its threads finish, so with more the
+                # shards (and every later stage) differ from run to run; local files need no parallelism.
                 args = ["download", "pretrain", "custom", "--url-list", str(csv_file), "--out", str(shards[name]),
-                        "--image-size", "64", "--shard-size", "1000", "--threads", "4", "--processes", "1"]
+                        "--image-size", "64", "--shard-size", "1000", "--threads", "1", "--processes", "1"]
                 proc, log = runner.start(f"download_{name}", args)
                 procs.append((f"download {name}", proc, log))
             runner.wait(procs, status)
 
-        common = ["--device", options.device, "--resume", "never", "--root", str(out / "workspace"),
+        common = ["--device", runner.device, "--resume", "never", "--root", str(out / "workspace"),
                   f"model.vision=hf:{parts.vision_dir}", f"model.qformer_init={parts.bert_dir}"]
         runs = out / "runs"
         with timed("stage1"):
@@ -353,9 +358,9 @@ def _ask(runner: Runner, world, checkpoint: Path, status) -> dict[str, Any]:
     scene = world.test[index]
     image = world.root / "images" / "test" / f"{index + 1:012d}.jpg"
     question = "what color is the shape?"
-    cap_log = runner.run("ask_caption", ["ask", str(image), "--model", str(checkpoint), "--device", "cpu",
+    cap_log = runner.run("ask_caption", ["ask", str(image), "--model", str(checkpoint), "--device", runner.device,
                                          "--prompt", CAPTION_PROMPT.strip()], status)
-    qa_log = runner.run("ask_question", ["ask", str(image), question, "--model", str(checkpoint), "--device", "cpu",
-                                         "--prompt-template", VQA_PROMPT_TEMPLATE], status)
+    qa_log = runner.run("ask_question", ["ask", str(image), question, "--model", str(checkpoint),
+                                         "--device", runner.device, "--prompt-template", VQA_PROMPT_TEMPLATE], status)
     return {"image": str(image), "truth": caption(scene, 0), "caption": _last_line(cap_log),
             "question": question, "answer": _last_line(qa_log), "expected_answer": scene.color}

@@ -107,7 +107,8 @@ def _lr_at(step: int, total: int, peak: float, warmup: int = 20) -> float:
 
 
 def pretrain_vision(image_paths: Sequence[Path], out: Path, steps: int = 300, batch: int = 64, seed: int = 0,
-                    progress: Progress | None = None, position_weight: float = POSITION_LOSS_WEIGHT) -> list[float]:
+                    progress: Progress | None = None, position_weight: float = POSITION_LOSS_WEIGHT,
+                    device: str | torch.device = "cpu") -> list[float]:
     """Masked image modelling (plus the patch-position term) on pictures only; saves a ``ViTModel`` to
     ``out``. Returns the curve of the reconstruction loss."""
     from transformers import ViTConfig, ViTForMaskedImageModeling
@@ -115,11 +116,11 @@ def pretrain_vision(image_paths: Sequence[Path], out: Path, steps: int = 300, ba
     torch.manual_seed(seed)
     config = ViTConfig(image_size=IMAGE_SIZE, patch_size=PATCH, encoder_stride=PATCH, **VISION,
                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = ViTForMaskedImageModeling(config)
-    images = _images_to_tensor(image_paths)
+    model = ViTForMaskedImageModeling(config).to(device)
+    images = _images_to_tensor(image_paths).to(device)
     n_patches = (IMAGE_SIZE // PATCH) ** 2
-    position_head = torch.nn.Linear(config.hidden_size, n_patches)  # discarded after pretraining
-    patch_index = torch.arange(n_patches).repeat(batch)
+    position_head = torch.nn.Linear(config.hidden_size, n_patches).to(device)  # discarded after pretraining
+    patch_index = torch.arange(n_patches, device=device).repeat(batch)
     opt = _adamw([*model.parameters(), *position_head.parameters()], 2e-3)
     gen = torch.Generator().manual_seed(seed)
     losses = []
@@ -127,9 +128,10 @@ def pretrain_vision(image_paths: Sequence[Path], out: Path, steps: int = 300, ba
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, steps, 2e-3)
+        # Random draws on the CPU generator, so a run is the same on every device up to float rounding.
         idx = torch.randint(len(images), (batch,), generator=gen)
         mask = torch.rand(batch, n_patches, generator=gen).argsort(dim=1) < n_patches // 2
-        res = model(pixel_values=images[idx], bool_masked_pos=mask, output_hidden_states=True)
+        res = model(pixel_values=images[idx.to(device)], bool_masked_pos=mask.to(device), output_hidden_states=True)
         # hidden_states[-2]: the penultimate layer, which BLIP-2 (and `hf:` encoders) hand to the Q-Former
         patch_tokens = res.hidden_states[-2][:, 1:]
         position_loss = torch.nn.functional.cross_entropy(position_head(patch_tokens).flatten(0, 1), patch_index)
@@ -157,7 +159,7 @@ def pretrain_vision(image_paths: Sequence[Path], out: Path, steps: int = 300, ba
 
 
 def pretrain_lm(texts: Sequence[str], out: Path, steps: int = 300, batch: int = 64, seed: int = 0,
-                progress: Progress | None = None) -> list[float]:
+                progress: Progress | None = None, device: str | torch.device = "cpu") -> list[float]:
     """Causal LM on text only; saves an ``OPTForCausalLM`` + tokenizer to ``out``. Returns the loss curve."""
     from transformers import OPTConfig, OPTForCausalLM
 
@@ -173,7 +175,7 @@ def pretrain_lm(texts: Sequence[str], out: Path, steps: int = 300, batch: int = 
         # demo's reported figures were measured with it).
         tie_word_embeddings=False,
     )
-    model = OPTForCausalLM(config)
+    model = OPTForCausalLM(config).to(device)
     rng = random.Random(seed)
     opt = _adamw(model.parameters(), 3e-3)
     losses = []
@@ -181,7 +183,7 @@ def pretrain_lm(texts: Sequence[str], out: Path, steps: int = 300, batch: int = 
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, steps, 3e-3)
-        input_ids, attention_mask = _packed_batch(tokenizer, rng.sample(list(texts), batch))
+        input_ids, attention_mask = (t.to(device) for t in _packed_batch(tokenizer, rng.sample(list(texts), batch)))
         labels = input_ids.masked_fill(attention_mask == 0, -100)
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
@@ -211,7 +213,7 @@ def _packed_batch(tokenizer, texts: Sequence[str]) -> tuple[torch.Tensor, torch.
 
 
 def pretrain_bert(texts: Sequence[str], out: Path, steps: int = 200, batch: int = 64, seed: int = 0,
-                  progress: Progress | None = None) -> list[float]:
+                  progress: Progress | None = None, device: str | torch.device = "cpu") -> list[float]:
     """Masked LM on text only; saves a ``BertForMaskedLM`` + tokenizer (with ``[DEC]``) to ``out``."""
     from transformers import BertConfig, BertForMaskedLM
 
@@ -221,8 +223,8 @@ def pretrain_bert(texts: Sequence[str], out: Path, steps: int = 200, batch: int 
     tokenizer = train_bert_tokenizer([t.replace(DOCUMENT_BREAK, " ") for t in texts], vocab_size=400)
     config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **BERT)
-    model = BertForMaskedLM(config)
-    bow_head = torch.nn.Linear(config.hidden_size, config.vocab_size)  # discarded after pretraining
+    model = BertForMaskedLM(config).to(device)
+    bow_head = torch.nn.Linear(config.hidden_size, config.vocab_size).to(device)  # discarded after pretraining
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     opt = _adamw([*model.parameters(), *bow_head.parameters()], 2e-3)
@@ -240,8 +242,9 @@ def pretrain_bert(texts: Sequence[str], out: Path, steps: int = 200, batch: int 
         chosen[:, 1] |= candidates[:, 1] & ~chosen.any(dim=1)  # at least one masked token per text
         labels = ids.masked_fill(~chosen, -100)
         inputs = ids.masked_fill(chosen, tokenizer.mask_token_id)
-        res = model(input_ids=inputs, attention_mask=enc["attention_mask"], labels=labels, output_hidden_states=True)
-        bag = torch.zeros(batch, config.vocab_size).scatter_(1, ids, 1.0)
+        res = model(input_ids=inputs.to(device), attention_mask=enc["attention_mask"].to(device),
+                    labels=labels.to(device), output_hidden_states=True)
+        bag = torch.zeros(batch, config.vocab_size).scatter_(1, ids, 1.0).to(device)
         bag[:, special] = 0.0
         bow_logits = bow_head(res.hidden_states[-1][:, 0])
         loss = res.loss + torch.nn.functional.binary_cross_entropy_with_logits(bow_logits, bag) * 10
@@ -259,8 +262,9 @@ def pretrain_bert(texts: Sequence[str], out: Path, steps: int = 200, batch: int 
 
 
 def pretrain_unimodal(image_paths: Sequence[Path], texts: Sequence[str], out: Path, steps: Steps | None = None,
-                      seed: int = 0, progress: Progress | None = None) -> UnimodalResult:
-    """All three parts into ``out/vision``, ``out/lm``, ``out/bert``."""
+                      seed: int = 0, progress: Progress | None = None,
+                      device: str | torch.device = "cpu") -> UnimodalResult:
+    """All three parts into ``out/vision``, ``out/lm``, ``out/bert``, trained on ``device``."""
     steps = steps or Steps()
     result = UnimodalResult(out / "vision", out / "lm", out / "bert")
     for name, fn, arg, n, d in (
@@ -269,6 +273,7 @@ def pretrain_unimodal(image_paths: Sequence[Path], texts: Sequence[str], out: Pa
         ("bert", pretrain_bert, texts, steps.bert, result.bert_dir),
     ):
         start = time.perf_counter()
-        result.losses[name] = fn(arg, d, steps=n, batch=steps.batch, seed=seed, progress=progress)
+        result.losses[name] = fn(arg, d, steps=n, batch=steps.batch, seed=seed, progress=progress,
+                                    device=device)
         result.seconds[name] = time.perf_counter() - start
     return result

@@ -11,6 +11,7 @@ embedding sequence, so logits and generated tokens are identical (see tests/test
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -160,9 +161,51 @@ class Blip2Stage2Model(Blip2Base):
             start = lm_config.bos_token_id if lm_config.bos_token_id is not None else lm_config.eos_token_id
             input_ids = torch.full((prompts.shape[0], 1), start, dtype=torch.long, device=prompts.device)
         embeds, mask = self._prepend_prompts(prompts, input_ids, attention_mask)
+        beams = self._beams_sharing_prefill(embeds, generate_kwargs)
+        if beams > 1:
+            generate_kwargs = {**generate_kwargs, "cache": self._prefill_once_for_beams(embeds, mask, beams)}
         output = self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
         if self.is_encoder_decoder:
             start = self.language_model.config.decoder_start_token_id
             if output.shape[1] > 0 and bool((output[:, 0] == start).all()):
                 output = output[:, 1:]
         return output
+
+    def _beams_sharing_prefill(self, embeds: torch.Tensor, generate_kwargs: dict[str, Any]) -> int:
+        """The beam count when this generation can share one prefill between beams, else 1.
+
+        transformers' beam search copies each input to every beam before the first forward pass, so the
+        prompt (the visual prompts and the text) is encoded ``num_beams`` times over identical rows.
+        Decoder-only LLMs with transformers' default cache share it instead (encoder-decoder ones already
+        run their encoder once per input); any caller-chosen cache keeps the plain path.
+        """
+        lm_generation = self.language_model.generation_config
+        beams = generate_kwargs.get("num_beams", lm_generation.num_beams) or 1
+        plain = (
+            self.is_encoder_decoder
+            or beams <= 1
+            or embeds.shape[1] < 2
+            or generate_kwargs.get("do_sample", lm_generation.do_sample)
+            or generate_kwargs.get("use_cache", lm_generation.use_cache) is False
+            or any(k in generate_kwargs for k in ("cache", "past_key_values", "cache_implementation"))
+            or lm_generation.cache_implementation is not None
+        )
+        return 1 if plain else int(beams)
+
+    def _prefill_once_for_beams(self, embeds: torch.Tensor, mask: torch.Tensor, beams: int):
+        """The LLM's KV cache of every position but the last, computed once per input and copied to each of
+        its ``beams`` rows; ``generate`` then runs only the last position, as it would after its own
+        prefill. Same numbers as transformers' path up to float rounding across batch shapes (the tests
+        compare generated tokens)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.language_model.config)
+        extra = {}
+        if "position_ids" in inspect.signature(self.language_model.forward).parameters:
+            # the positions transformers' generate gives every LLM that takes them
+            extra["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, :-1]
+        # The base model (no LM head): the logits of these positions are never needed.
+        self.language_model.base_model(inputs_embeds=embeds[:, :-1], attention_mask=mask[:, :-1], cache=cache,
+                                       use_cache=True, **extra)
+        cache.batch_repeat_interleave(beams)
+        return cache
