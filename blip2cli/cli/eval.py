@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -123,7 +124,7 @@ def eval_command(
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from blip2cli.training.distributed import shutdown
 
-            shutdown()
+            shutdown(wait_for_all=sys.exc_info()[0] is None)
     _finish(out_console, result, f"generated {result.generated}, reused {result.reused} from an earlier run")
 
 

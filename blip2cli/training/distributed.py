@@ -51,8 +51,14 @@ def init_distributed(device: str = "auto") -> DistEnv:
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
 
 
-def shutdown() -> None:
+def shutdown(wait_for_all: bool = True) -> None:
+    """End the process group. ``wait_for_all``: every rank arrives before any tears down (a gloo rank that
+    destroyed the group while another was still busy, rank 0 writing the final checkpoint, aborted with
+    "terminate called without an active exception"); pass False when leaving on an error, where the other
+    ranks may never arrive."""
     if dist.is_available() and dist.is_initialized():
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()
 
 
