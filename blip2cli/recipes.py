@@ -119,6 +119,7 @@ class TrainSection:
     grad_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory (trainable image encoder, Q-Former).")
     compile: bool = _f(False, "Wrap the model in torch.compile.")
     seed: int = _f(42, "Seed for weights, data order and augmentation (each rank derives its own).")
+    deterministic: bool = _f(False, "Deterministic kernels only (torch.use_deterministic_algorithms, warn-only): bit-identical reruns; multi-threaded CPU kernels otherwise drift by float rounding within tens of steps. Somewhat slower.")
     log_every: int = _f(50, "Steps between progress lines and metrics records.")
     save_every: int = _f(5000, "Steps between checkpoints (one is always written at the end); 0 = only at the end.")
     keep_last: int = _f(3, "Step checkpoints kept on disk; older ones are deleted after a successful save.")

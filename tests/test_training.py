@@ -99,6 +99,21 @@ def test_resume_reproduces_uninterrupted_run(shards, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_deterministic_runs_are_bit_identical(shards, tmp_path):
+    """train.deterministic switches to deterministic kernels; two runs then agree bit for bit."""
+    recipe = _recipe("tiny_stage1", "train.max_steps=6", "train.save_every=0", "train.deterministic=true")
+    try:
+        first = train(recipe, tmp_path / "first", shards, device="cpu")
+        assert torch.are_deterministic_algorithms_enabled()
+        second = train(recipe, tmp_path / "second", shards, device="cpu")
+    finally:
+        torch.use_deterministic_algorithms(False)  # process-wide: keep the other tests as they were
+    assert _losses(first) == _losses(second)
+    a = load_file(first.final_checkpoint / "model.safetensors")
+    b = load_file(second.final_checkpoint / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_validation_reports_held_out_loss_without_changing_training(shards, tmp_path):
     base = ["train.max_steps=6", "train.save_every=0", "optim.warmup_steps=1"]
     plain = train(_recipe("tiny_stage1", *base), tmp_path / "plain", shards, device="cpu")

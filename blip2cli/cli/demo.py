@@ -13,7 +13,7 @@ from blip2cli.cli._common import quiet_libraries, stderr
 DEMO_EXAMPLES = """
 Examples:
 
-  blip2 demo                                  # full size, into ./blip2-demo (about 11 minutes on 2 CPU cores)
+  blip2 demo                                  # full size, into ./blip2-demo (about 12 minutes on 2 CPU cores)
 
   blip2 demo --size small --out /tmp/demo     # a smaller world and fewer steps (about 8 minutes on 2 cores)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import time
 from contextlib import contextmanager, nullcontext
@@ -48,6 +49,18 @@ class TrainResult:
     parameter_counts: dict[str, int] = field(default_factory=dict)
 
 
+def use_deterministic_kernels() -> None:
+    """Deterministic kernels only, for the rest of this process (``train.deterministic``).
+
+    Some multi-threaded CPU kernels accumulate in a varying order: two runs of the demo's stage 1 on 2
+    threads drifted apart by float rounding within 5-40 steps, and bit-identically with this (or with one
+    thread). cuBLAS needs a fixed workspace for the same guarantee. Ops that have no deterministic version
+    warn instead of failing.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def train(
     recipe: Recipe,
     run_dir: Path,
@@ -67,6 +80,8 @@ def train(
     env = init_distributed(device)
     console = console or Console(stderr=True)
     say = console.print if env.is_main else (lambda *a, **k: None)
+    if recipe.train.deterministic:
+        use_deterministic_kernels()
     torch.manual_seed(recipe.train.seed)  # identical initial weights on every rank
     random.seed(recipe.train.seed)
 
