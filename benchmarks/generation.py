@@ -58,18 +58,27 @@ def build_config(size: str) -> Blip2Config:
     )
 
 
-def timed(fn, device, repeats: int) -> tuple[float, object]:
-    result = fn()  # warm-up (kernels, caches)
-    times = []
+def _once(fn, device) -> tuple[float, object]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
+def timed_pair(ours, reference, device, repeats: int) -> tuple[float, float, object, object]:
+    """Median seconds of both sides and their last results. One warm-up each (kernels, caches), then the
+    two alternate, so that a machine slowing down or speeding up mid-run weighs on both sides alike."""
+    ours(), reference()
+    times: tuple[list[float], list[float]] = ([], [])
+    results = [None, None]
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        for side, fn in enumerate((ours, reference)):
+            seconds, results[side] = _once(fn, device)
+            times[side].append(seconds)
+    return statistics.median(times[0]), statistics.median(times[1]), results[0], results[1]
 
 
 def main() -> int:
@@ -106,9 +115,11 @@ def main() -> int:
                 hf_ids = torch.cat([torch.full((batch, nq), image_token, device=device), text_ids], dim=1)
                 kwargs = dict(num_beams=beams, max_new_tokens=10 if task == "vqa" else 30, min_new_tokens=1, do_sample=False)
                 with torch.inference_mode():
-                    t_ours, out_ours = timed(lambda: ours.generate(pixel_values, text_ids, **kwargs), device, args.repeats)
-                    t_hf, out_hf = timed(lambda: hf.generate(pixel_values=pixel_values, input_ids=hf_ids, **kwargs),
-                                         device, args.repeats)
+                    t_ours, t_hf, out_ours, out_hf = timed_pair(
+                        lambda: ours.generate(pixel_values, text_ids, **kwargs),
+                        lambda: hf.generate(pixel_values=pixel_values, input_ids=hf_ids, **kwargs),
+                        device, args.repeats,
+                    )
                 same = torch.equal(out_ours, out_hf[:, hf_ids.shape[1]:])
                 ok &= same
                 case = f"generate {task} b{batch} beams{beams}"
@@ -133,8 +144,7 @@ def main() -> int:
         loss.backward()
         return loss.detach()
 
-    t_ours, loss_ours = timed(step_ours, device, args.repeats)
-    t_hf, loss_hf = timed(step_hf, device, args.repeats)
+    t_ours, t_hf, loss_ours, loss_hf = timed_pair(step_ours, step_hf, device, args.repeats)
     same = torch.allclose(loss_ours.float(), loss_hf.float(), atol=1e-3)
     ok &= same
     print(f"{'train step b' + str(batch):<34}{t_ours:>10.4f}{t_hf:>16.4f}{t_hf / t_ours:>8.2f}  {same}")

@@ -253,6 +253,38 @@ def test_opt_loss_parity_with_transformers(prompt):
     torch.testing.assert_close(loss, ref, atol=1e-5, rtol=0)
 
 
+def test_training_loss_applies_the_output_layer_only_where_labels_are():
+    """The loss-only forward (training) equals transformers' full-logits path in loss and in every gradient,
+    while the output layer sees only the labelled positions."""
+    tok = tiny.opt_tokenizer()
+    hf = tiny.hf_blip2("opt", tok)
+    ours = ours_from_hf(hf).train()
+    batch = decoder_only_batch(tok, CAPTIONS, prompt="a photo of ")
+    images = pixels(len(CAPTIONS))
+    rows_seen = []
+    hook = ours.language_model.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: rows_seen.append(args[0].shape[:-1].numel()))
+
+    def loss_and_grads(**kwargs):
+        ours.zero_grad()
+        torch.manual_seed(0)  # the same Q-Former dropout masks in both passes
+        out = ours(images, **batch, **kwargs)
+        out["loss"].backward()
+        trainable = {n: p.grad.clone() for n, p in ours.named_parameters() if p.requires_grad}
+        return out, trainable
+
+    full, full_grads = loss_and_grads(return_logits=True)
+    lean, lean_grads = loss_and_grads()
+    hook.remove()
+    labelled = int((batch["labels"] != IGNORE_INDEX).sum())
+    assert rows_seen == [len(CAPTIONS) * (NQ + batch["input_ids"].shape[1]), labelled]
+    assert "logits" in full and "logits" not in lean
+    torch.testing.assert_close(lean["loss"], full["loss"], atol=1e-6, rtol=0)
+    assert full_grads.keys() == lean_grads.keys() and "query_tokens" in lean_grads
+    for name in full_grads:
+        torch.testing.assert_close(lean_grads[name], full_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("prompt", [None, "a photo of"])
 def test_t5_loss_parity_with_transformers(prompt):
     tok = tiny.t5_tokenizer()
@@ -389,8 +421,13 @@ def test_llama_style_llm_in_stage2(saved_llms):
     )
     model.train()
     batch = decoder_only_batch(tok, CAPTIONS, prompt="a photo of ", end_token=end_token(llama, tok))
+    torch.manual_seed(0)
     out = model(pixels(len(CAPTIONS)), **batch)
     assert torch.isfinite(out["loss"])
+    torch.manual_seed(0)  # same dropout masks: the loss-only path (output layer on labels) is transformers' loss
+    with torch.no_grad():
+        full = model(pixels(len(CAPTIONS)), **batch, return_logits=True)["loss"]
+    torch.testing.assert_close(out["loss"], full, atol=1e-6, rtol=0)
     out["loss"].backward()
     assert model.language_projection.weight.grad is not None
     assert all(p.grad is None for p in llama.parameters())

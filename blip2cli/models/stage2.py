@@ -15,6 +15,7 @@ import inspect
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Blip2QFormerModel, PreTrainedModel
 
@@ -23,6 +24,11 @@ from blip2cli.models.config import Blip2ModelConfig
 from blip2cli.models.vision import build_vision_model
 
 IGNORE_INDEX = -100
+
+# Causal LMs whose ``forward`` computes logits as exactly ``lm_head(base_model(...).last_hidden_state)``
+# (no logit scaling or soft-capping; checked in transformers 5.x): for these the training loss may apply the
+# output layer to the labelled positions only.
+PLAIN_OUTPUT_LAYER_FAMILIES = frozenset({"opt", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "smollm3", "gpt2"})
 
 
 class Blip2Stage2Model(Blip2Base):
@@ -105,16 +111,25 @@ class Blip2Stage2Model(Blip2Base):
         decoder_input_ids: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
+        return_logits: bool | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Logits, and the LM loss when ``labels`` are given.
+        """The LM loss when ``labels`` are given; logits when ``return_logits`` (default: without ``labels``).
 
         Decoder-only: ``input_ids``/``labels`` cover the text after the visual prompts, ``labels`` aligned
         with ``input_ids`` (-100 over prompt and padding); the query positions are masked here.
         Encoder-decoder: ``input_ids`` is the encoder's text prefix, ``labels`` the decoder targets.
         Returned logits cover the query positions too (decoder-only), as transformers' do.
+
+        Training asks for the loss alone. A decoder-only LLM then applies its output layer only where a label
+        is (the caption), not over the 32 visual prompts, the text prompt and the padding as transformers
+        does: the same loss and gradients (tests/test_llm_text.py), less time and no (B, L, vocab) tensor.
         """
+        if return_logits is None:
+            return_logits = labels is None
         prompts = self.visual_prompts(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         embeds, mask = self._prepend_prompts(prompts, input_ids, attention_mask)
+        if labels is not None and not return_logits and self._output_layer_is_plain():
+            return {"loss": self._labelled_positions_loss(embeds, mask, prompts.shape[1], labels)}
         if self.is_encoder_decoder:
             out = self.language_model(
                 inputs_embeds=embeds,
@@ -130,10 +145,26 @@ class Blip2Stage2Model(Blip2Base):
                 ignore = torch.full(prompts.shape[:2], IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
                 full_labels = torch.cat([ignore, labels], dim=1)
             out = self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=full_labels, return_dict=True)
-        result = {"logits": out.logits}
+        result = {"logits": out.logits} if return_logits else {}
         if labels is not None:
             result["loss"] = out.loss
         return result
+
+    def _output_layer_is_plain(self) -> bool:
+        config = self.language_model.config
+        return not config.is_encoder_decoder and config.model_type in PLAIN_OUTPUT_LAYER_FAMILIES
+
+    def _labelled_positions_loss(
+        self, embeds: torch.Tensor, mask: torch.Tensor, num_prompts: int, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """transformers' causal-LM loss (mean next-token cross-entropy over the labelled positions, logits in
+        fp32), with the output layer applied to the positions that predict a label and nowhere else."""
+        hidden = self.language_model.base_model(inputs_embeds=embeds, attention_mask=mask, return_dict=True)[0]
+        # Position p predicts token p + 1: the last visual prompt predicts labels[:, 0].
+        predicting = hidden[:, num_prompts - 1 : -1]
+        labelled = labels != IGNORE_INDEX
+        logits = self.language_model.get_output_embeddings()(predicting[labelled])
+        return F.cross_entropy(logits.float(), labels[labelled])
 
     # ----------------------------------------------------------------- generation
     @torch.no_grad()
