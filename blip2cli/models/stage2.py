@@ -194,7 +194,8 @@ class Blip2Stage2Model(Blip2Base):
         embeds, mask = self._prepend_prompts(prompts, input_ids, attention_mask)
         beams = self._beams_sharing_prefill(embeds, generate_kwargs)
         if beams > 1:
-            generate_kwargs = {**generate_kwargs, "cache": self._prefill_once_for_beams(embeds, mask, beams)}
+            cache = self._prefill_once_for_beams(embeds, mask, beams)
+            generate_kwargs = {**generate_kwargs, self._cache_argument(): cache}
         output = self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
         if self.is_encoder_decoder:
             start = self.language_model.config.decoder_start_token_id
@@ -223,6 +224,12 @@ class Blip2Stage2Model(Blip2Base):
         )
         return 1 if plain else int(beams)
 
+    def _cache_argument(self) -> str:
+        """The name under which the LLM and ``generate`` take a KV cache: transformers 5.24 renamed
+        ``past_key_values`` to ``cache`` (keeping the old name as a deprecated alias)."""
+        parameters = inspect.signature(self.language_model.forward).parameters
+        return "cache" if "cache" in parameters else "past_key_values"
+
     def _prefill_once_for_beams(self, embeds: torch.Tensor, mask: torch.Tensor, beams: int):
         """The LLM's KV cache of every position but the last, computed once per input and copied to each of
         its ``beams`` rows; ``generate`` then runs only the last position, as it would after its own
@@ -236,7 +243,8 @@ class Blip2Stage2Model(Blip2Base):
             # the positions transformers' generate gives every LLM that takes them
             extra["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, :-1]
         # The base model (no LM head): the logits of these positions are never needed.
-        self.language_model.base_model(inputs_embeds=embeds[:, :-1], attention_mask=mask[:, :-1], cache=cache,
-                                       use_cache=True, **extra)
+        extra[self._cache_argument()] = cache
+        self.language_model.base_model(inputs_embeds=embeds[:, :-1], attention_mask=mask[:, :-1], use_cache=True,
+                                       **extra)
         cache.batch_repeat_interleave(beams)
         return cache
