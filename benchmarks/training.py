@@ -98,7 +98,8 @@ def main() -> int:
     print(f"{'case':<40}{'steps/s':>9}{'samples/s':>11}{'peak GiB':>10}{'vs transformers':>17}")
 
     torch.manual_seed(0)
-    model = stage1_model(args.size).to(device)
+    with torch.device(device):  # random init on the device (fast for the real-size models on a GPU)
+        model = stage1_model(args.size)
     model.vision_model.to(frozen_dtype)
     model.vision_model.post_layernorm.float()  # ln_vision trains in fp32
     model.train()
@@ -114,7 +115,8 @@ def main() -> int:
         torch.cuda.empty_cache()
 
     config = build_config(args.size)
-    hf = Blip2ForConditionalGeneration(config).to(device)
+    with torch.device(device):
+        hf = Blip2ForConditionalGeneration(config)
     hf.vision_model.to(frozen_dtype)
     hf.vision_model.post_layernorm.float()
     hf.language_model.to(frozen_dtype)
