@@ -1,0 +1,54 @@
+"""The bf16 CUDA paths of the stage-2 model, against transformers on the same weights. Skipped without a GPU
+(run them with `python -m pytest -m gpu`, or `benchmarks/gpu_checks.sh`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blip2cli.models.text import decoder_only_batch
+from tests import tiny
+from tests.test_llm_text import CAPTIONS, ours_from_hf, pixels
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture
+def tiny_pair():
+    tok = tiny.opt_tokenizer()
+    hf = tiny.hf_blip2("opt", tok).to("cuda", torch.bfloat16)
+    return tok, hf, ours_from_hf(hf)
+
+
+@pytest.mark.parametrize("beams", [1, 5])
+def test_bf16_generation_matches_transformers(tiny_pair, beams):
+    """Greedy is transformers' own path; beam 5 shares one prefill between the beams: in bf16 on the GPU the
+    tokens must still be transformers'."""
+    tok, hf, ours = tiny_pair
+    images = pixels(3).to("cuda", torch.bfloat16)
+    prompt = tok(["a photo of"] * 3, return_tensors="pt")["input_ids"].cuda()
+    image_ids = torch.full((3, tiny.NUM_QUERY_TOKENS), hf.config.image_token_index, device="cuda")
+    kwargs = dict(num_beams=beams, max_new_tokens=8, min_new_tokens=1, do_sample=False)
+    with torch.inference_mode():
+        expected = hf.generate(pixel_values=images, input_ids=torch.cat([image_ids, prompt], 1), **kwargs)
+        got = ours.generate(images, prompt, **kwargs)
+    assert torch.equal(got, expected[:, tiny.NUM_QUERY_TOKENS + prompt.shape[1]:])
+
+
+def test_bf16_autocast_training_loss_matches_the_full_logits_path(tiny_pair):
+    """Under bf16 autocast, the loss on labelled positions only equals transformers' full-logits loss, and
+    the gradients reach the Q-Former side only."""
+    tok, hf, ours = tiny_pair
+    ours.float().train()  # trainable parts in fp32 under autocast, as the training loop keeps them
+    batch = {k: v.cuda() for k, v in decoder_only_batch(tok, CAPTIONS, prompt="a photo of ").items()}
+    images = pixels(len(CAPTIONS)).cuda()
+    losses = []
+    for return_logits in (True, False):
+        ours.zero_grad()
+        torch.manual_seed(0)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = ours(images, **batch, return_logits=return_logits)["loss"]
+        loss.backward()
+        losses.append(loss.detach().float())
+        assert ours.query_tokens.grad is not None and torch.isfinite(ours.query_tokens.grad).all()
+    torch.testing.assert_close(losses[1], losses[0], atol=2e-3, rtol=0)
