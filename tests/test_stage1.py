@@ -188,6 +188,28 @@ def test_itg_pass_is_multimodal_causal(tok, attn):
         assert torch.allclose(hidden[:, :nq], model.query_outputs(image_embeds), atol=1e-6)
 
 
+def test_itg_loss_equals_the_loss_over_every_text_position(tok):
+    """The ITG head runs on labelled positions only; LAVIS runs it over every text position (padding too)
+    and ignores the padded labels: the same loss, label smoothing included, and the same gradients."""
+    pixels, ids, mask = batch(tok, n=4)
+    assert not bool(mask.all())  # padded captions
+    model = build(tok, itg_label_smoothing=0.1).eval()
+    image_embeds = model.image_features(pixels)
+    loss = model.itg_loss(image_embeds, ids, mask)
+    grad = torch.autograd.grad(loss, model.itg_head.transform.dense.weight)[0]
+
+    dec = ids.clone()
+    dec[:, 0] = tok.bos_token_id
+    labels = dec.masked_fill(mask == 0, -100)
+    hidden = model.joint_hidden(image_embeds, dec, multimodal_causal_mask(model.num_query_tokens, mask))
+    logits = model.itg_head(hidden[:, model.num_query_tokens : -1], model.embeddings.word_embeddings.weight)
+    reference = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                ignore_index=-100, label_smoothing=0.1)
+    reference_grad = torch.autograd.grad(reference, model.itg_head.transform.dense.weight)[0]
+    torch.testing.assert_close(loss, reference, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad, reference_grad, atol=1e-7, rtol=1e-5)
+
+
 def test_itc_image_features_independent_of_text(tok):
     pixels, ids, mask = batch(tok, n=4)
     model = build(tok).eval()

@@ -308,15 +308,12 @@ class Blip2Stage1Model(Blip2Base):
             self.num_query_tokens, attention_mask, dtype=self.qformer.layernorm.weight.dtype
         )
         hidden = self.joint_hidden(image_embeds, decoder_ids, mask)[:, self.num_query_tokens :, :]
-        logits = self.itg_head(hidden, self.embeddings.word_embeddings.weight)
-        # Shift: the output at position t predicts the token at t + 1.
-        logits = at_least_fp32(logits[:, :-1, :])
-        return F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]),
-            labels[:, 1:].reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            label_smoothing=self.loss_config.itg_label_smoothing,
-        )
+        # Shift: the output at position t predicts the token at t + 1. The head (vocabulary-sized) runs only
+        # where that token is a label, not over the padding: LAVIS's loss, without its padded logits.
+        targets = labels[:, 1:]
+        labelled = targets != IGNORE_INDEX
+        logits = at_least_fp32(self.itg_head(hidden[:, :-1][labelled], self.embeddings.word_embeddings.weight))
+        return F.cross_entropy(logits, targets[labelled], label_smoothing=self.loss_config.itg_label_smoothing)
 
     def forward(
         self,
