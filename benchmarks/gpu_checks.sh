@@ -2,6 +2,7 @@
 # The checks only a GPU can run, in one go, for a session that is lent one for a few minutes:
 #
 #     OUT=gpu-results bash benchmarks/gpu_checks.sh      # then read gpu-results/*.txt
+#     SIZE=tiny bash benchmarks/gpu_checks.sh            # a smoke run of this script, on the CPU too
 #
 # 1. the GPU-marked tests (skipped elsewhere);
 # 2. generation at real size (OPT-2.7B + ViT-g, random weights, bf16): blip2 vs transformers on the same
@@ -17,14 +18,15 @@ OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
+SIZE=${SIZE:-real}
 {
     nvidia-smi
     "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 } > "$OUT/environment.txt" 2>&1
 timeout 120 "$PY" -m pytest -m gpu -rs -q -p no:cacheprovider > "$OUT/tests-gpu.txt" 2>&1
-timeout 240 "$PY" benchmarks/generation.py --size real --batches 1,32 --repeats 3 > "$OUT/generation-real.txt" 2>&1
-echo "generation exit $?" >> "$OUT/generation-real.txt"
-timeout 180 "$PY" benchmarks/training.py --size real --steps 5 > "$OUT/training-real.txt" 2>&1
-echo "training exit $?" >> "$OUT/training-real.txt"
+timeout 240 "$PY" benchmarks/generation.py --size "$SIZE" --batches 1,32 --repeats 3 > "$OUT/generation.txt" 2>&1
+echo "generation exit $?" >> "$OUT/generation.txt"
+timeout 180 "$PY" benchmarks/training.py --size "$SIZE" --steps 5 > "$OUT/training.txt" 2>&1
+echo "training exit $?" >> "$OUT/training.txt"
 tail -n 20 "$OUT"/*.txt
