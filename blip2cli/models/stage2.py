@@ -28,7 +28,9 @@ IGNORE_INDEX = -100
 # Causal LMs whose ``forward`` computes logits as exactly ``lm_head(base_model(...).last_hidden_state)``
 # (no logit scaling or soft-capping; checked in transformers 5.x): for these the training loss may apply the
 # output layer to the labelled positions only.
-PLAIN_OUTPUT_LAYER_FAMILIES = frozenset({"opt", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "smollm3", "gpt2"})
+PLAIN_OUTPUT_LAYER_FAMILIES = frozenset(
+    {"opt", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "smollm3", "gpt2"}
+)
 
 
 class Blip2Stage2Model(Blip2Base):
