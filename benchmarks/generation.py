@@ -3,6 +3,8 @@
     python benchmarks/generation.py                    # tiny configs, CPU (seconds)
     python benchmarks/generation.py --size small --batches 1,8 --repeats 1   # OPT-125M-shaped LLM, CPU (minutes)
     python benchmarks/generation.py --size real        # OPT-2.7B + ViT-g, random weights, bf16 on a GPU
+    python benchmarks/generation.py --size real --batches 1 --repeats 1   # the same on a CPU: fp32, 18 GB RAM, 13 min
+    python benchmarks/generation.py --tasks vqa --beams 5 --no-train-step   # a subset of the cases
 
 Both sides share one set of modules: transformers' ``Blip2ForConditionalGeneration`` is built from a
 config with random weights and ``Blip2Stage2Model`` adopts its parts, so any difference in speed comes
@@ -70,13 +72,14 @@ def _once(fn, device) -> tuple[float, object]:
 
 def timed_pair(ours, reference, device, repeats: int) -> tuple[float, float, object, object]:
     """Median seconds of both sides and their last results. One warm-up each (kernels, caches), then the
-    two alternate, so that a machine slowing down or speeding up mid-run weighs on both sides alike."""
+    two alternate in the order ABBA ABBA..., so that neither a machine slowing down or speeding up mid-run
+    nor whatever going first or second costs weighs on one side only."""
     ours(), reference()
     times: tuple[list[float], list[float]] = ([], [])
     results = [None, None]
-    for _ in range(repeats):
-        for side, fn in enumerate((ours, reference)):
-            seconds, results[side] = _once(fn, device)
+    for repeat in range(repeats):
+        for side in ((0, 1) if repeat % 2 == 0 else (1, 0)):
+            seconds, results[side] = _once((ours, reference)[side], device)
             times[side].append(seconds)
     return statistics.median(times[0]), statistics.median(times[1]), results[0], results[1]
 
@@ -85,6 +88,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["tiny", "small", "real"], default="tiny")
     parser.add_argument("--batches", default="1,32", help="comma-separated batch sizes for generation")
+    parser.add_argument("--beams", default="1,5", help="comma-separated beam counts for generation")
+    parser.add_argument("--tasks", default="caption,vqa", help="comma-separated prompts: caption, vqa")
+    parser.add_argument("--no-train-step", action="store_true", help="time generation only")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     parser.add_argument("--repeats", type=int, default=3)
@@ -109,9 +115,10 @@ def main() -> int:
     print(f"# {args.size} configs on {name}, {dtype}, median of {args.repeats}")
     print(f"{'case':<34}{'blip2 s':>10}{'transformers s':>16}{'ratio':>8}  identical")
     ok = True
-    for task, prompt in prompts.items():
+    for task in args.tasks.split(","):
+        prompt = prompts[task]
         for batch in (int(b) for b in args.batches.split(",")):
-            for beams in (1, 5):
+            for beams in (int(b) for b in args.beams.split(",")):
                 pixel_values = torch.randn(batch, 3, image_size, image_size, device=device, dtype=dtype)
                 text_ids = torch.tensor([prompt] * batch, device=device)
                 hf_ids = torch.cat([torch.full((batch, nq), image_token, device=device), text_ids], dim=1)
@@ -127,6 +134,8 @@ def main() -> int:
                 case = f"generate {task} b{batch} beams{beams}"
                 print(f"{case:<34}{t_ours:>10.4f}{t_hf:>16.4f}{t_hf / t_ours:>8.2f}  {same}")
 
+    if args.no_train_step:
+        return 0 if ok else 1
     # Stage-2 training step: forward + backward through the trainable parts only.
     batch = 8 if args.size == "real" else 4
     pixel_values = torch.randn(batch, 3, image_size, image_size, device=device, dtype=dtype)

@@ -160,10 +160,12 @@ def test_vision_pretraining_keeps_where_the_shape_is(small_world, tmp_path):
         with torch.no_grad():
             return (classify(features[400:]).argmax(1) == labels[400:]).float().mean().item()
 
-    # weight 0.1: the term shows within this test's 200 small steps (the demo's 0.05 needs its ~400 larger ones)
+    # weight 0.1: the term shows within this test's 200 small steps (the demo's 0.05 needs its ~400 larger ones).
+    # Over encoder seeds 0-2 on torch 2.6 and 2.14 the probe read 59-85% with the term and 15-17% without it,
+    # so the bound sits well below the worst run and far above chance (20%).
     with_term, without = position_probe_accuracy(0.1), position_probe_accuracy(0.0)
-    assert with_term > 0.6, with_term
-    assert without < 0.35, without
+    assert with_term > 0.45, with_term
+    assert without < 0.3, without
 
 
 def test_lm_pretraining_packs_related_documents_like_llm_pretraining(small_world):

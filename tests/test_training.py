@@ -201,6 +201,9 @@ def _torchrun_worker(out: Path, shards: list[str], group: str) -> dict[str, list
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(worker), str(out), json.dumps(shards), group]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    old_torch = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14)  # 2.14.1 is tested
+    if old_torch and proc.returncode != 0 and "fsdp on CPU (gloo) needs a newer torch" in proc.stderr:
+        pytest.skip(f"this torch ({torch.__version__}) cannot run FSDP on CPU; blip2 refuses it (sharding.py)")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {path.stem: json.loads(path.read_text()) for path in out.glob("*.json")}
 

@@ -90,6 +90,7 @@ def shard_model(model: nn.Module, device: torch.device, world_size: int, amp_dty
     if not hasattr(model, "language_model"):
         raise Blip2Error("dist.strategy=fsdp shards stage-2 models (frozen LLM); train stage 1 with dist.strategy=ddp")
     mesh = init_device_mesh(device.type, (world_size,))
+    _check_gradients_average(mesh.get_group())
     # A group must own its parameters: one tied to a module outside it (an LLM whose output layer shares
     # an embedding listed as a block) would be sharded twice. Such modules stay in the root group.
     owners: dict[int, list[str]] = {}
@@ -134,6 +135,27 @@ def shard_model(model: nn.Module, device: torch.device, world_size: int, amp_dty
     for kind, module in groups:
         fully_shard(module, mesh=mesh, mp_policy=qformer_policy if kind == "qformer" else MixedPrecisionPolicy())
     return model
+
+
+def _check_gradients_average(group) -> None:
+    """FSDP2 averages gradients with ``reduce_scatter_tensor(op=AVG)``. Gloo (CPU) ignored the op before some
+    torch release after 2.8 and summed, so gradients came out world-size times too large, silently (seen on
+    torch 2.7 and 2.8; 2.6 fails outright on CPU). NCCL has always averaged. One tiny collective at start
+    turns that into a one-line error."""
+    import torch.distributed as dist
+
+    if dist.get_backend(group) != "gloo":
+        return
+    world_size = group.size()
+    averaged = torch.zeros(1)
+    try:
+        dist.reduce_scatter_tensor(averaged, torch.ones(world_size), op=dist.ReduceOp.AVG, group=group)
+        works = averaged.item() == 1.0
+    except (RuntimeError, ValueError):
+        works = False
+    if not works:
+        raise Blip2Error(f"dist.strategy=fsdp on CPU (gloo) needs a newer torch: {torch.__version__}'s gloo does "
+                         "not average gradients the way FSDP asks; use dist.strategy=ddp or torch 2.14")
 
 
 # --------------------------------------------------------------------------- checkpoints
