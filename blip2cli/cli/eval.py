@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -115,16 +114,13 @@ def eval_command(
     encoder_decoder = bool(getattr(loaded.model, "is_encoder_decoder", False))
     settings = _apply(default_settings(spec.name, encoder_decoder), overrides)
     target = out or _runs(root) / f"{spec.name}-{_model_name(model_id)}"
-    try:
+    from blip2cli.training.distributed import process_group_ended
+
+    with process_group_ended():
         result = run_eval(
             spec.name, loaded, eval_data, settings=settings, out_dir=target, limit=limit, batch_size=batch_size,
             num_workers=workers, restart=restart, model_name=model_id, use_java=use_java,
         )
-    finally:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from blip2cli.training.distributed import shutdown
-
-            shutdown(wait_for_all=sys.exc_info()[0] is None)
     _finish(out_console, result, f"generated {result.generated}, reused {result.reused} from an earlier run")
 
 

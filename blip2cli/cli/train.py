@@ -46,12 +46,14 @@ def _launch_options(nproc_per_node, nnodes, node_rank, rdzv_endpoint) -> bool:
 
 
 def _run(plan, resume: str, dry_run: bool, device: str) -> None:
+    from blip2cli.training.distributed import process_group_ended
     from blip2cli.training.loop import train
 
     for note in plan.notes:
         stderr.print(f"[yellow]{note}[/yellow]")
     stderr.print(f"recipe {plan.recipe_name} -> {plan.run_dir} ({plan.shard_files} shard file(s))")
-    train(plan.recipe, plan.run_dir, plan.shards, resume=resume, dry_run=dry_run, device=device, console=stderr)
+    with process_group_ended():  # a gloo rank leaving while rank 0 still saves aborts the job
+        train(plan.recipe, plan.run_dir, plan.shards, resume=resume, dry_run=dry_run, device=device, console=stderr)
 
 
 @app.command(

@@ -6,6 +6,7 @@ training runs on a CPU or a single GPU without a process group (LAVIS crashed th
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
@@ -60,6 +61,16 @@ def shutdown(wait_for_all: bool = True) -> None:
         if wait_for_all:
             dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group_ended():
+    """Run a command's work, then end the process group as ``shutdown`` does (without waiting for the other
+    ranks when leaving on an error). Nothing to do outside torchrun."""
+    try:
+        yield
+    finally:
+        shutdown(wait_for_all=sys.exc_info()[0] is None)
 
 
 def barrier(env: DistEnv) -> None:
