@@ -8,6 +8,11 @@ A blip2 checkpoint directory holds:
 - tokenizer files at the root (the LLM's for stage 2, the Q-Former's BERT for stage 1; a stage-2 model's
   Q-Former tokenizer, when it has one, in ``qformer_tokenizer/``) and the image-processor settings.
 
+A training run's ``step-N/`` directory (trainable weights only, see ``training/checkpointing.py``) loads too:
+training writes ``RUN/base/`` once, a complete checkpoint of the model as built, and ``step-N/`` is read as
+that base with the step's trainable weights on top (``load_model`` checks that the step belongs to that
+base). A run directory itself loads as its ``final/``, or its latest step while it is still running.
+
 When every weight fits transformers' Blip2 classes (an EVA-style ``Blip2VisionModel`` encoder), the same
 directory is also a transformers checkpoint: ``config.json`` + ``processor_config.json`` are written by
 transformers itself, so ``Blip2ForConditionalGeneration`` / ``Blip2ForImageTextRetrieval`` and
@@ -32,6 +37,12 @@ from blip2cli.errors import CheckpointError, ModelNotFoundError
 from blip2cli.models.config import CONFIG_FILENAME, Blip2ModelConfig
 
 EXTRAS_FILENAME = "blip2cli_extras.safetensors"
+# A run's step checkpoints (written by training/checkpointing.py) and the base they are read on top of.
+STEP_WEIGHTS_FILENAME = "trainable.safetensors"
+STEP_STATE_FILENAME = "state.json"
+RUN_BASE_DIR = "base"
+RUN_BASE_ID_FILENAME = "run_base.json"
+LATEST_POINTER = "latest"
 WEIGHTS_FILENAME = "model.safetensors"
 QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
 IMAGE_TOKEN = "<image>"
@@ -61,9 +72,16 @@ class LoadedModel:
 
 # --------------------------------------------------------------------------- locating
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
-    """A local directory, or a hub id fetched into the Hugging Face cache."""
+    """A local directory (a run directory means its ``final/``, or its latest step while it runs), or a hub
+    id fetched into the Hugging Face cache."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
+        if (path / "final" / CONFIG_FILENAME).exists():
+            return path / "final"
+        if (path / LATEST_POINTER).is_file() and not (path / CONFIG_FILENAME).exists():
+            step = path / (path / LATEST_POINTER).read_text().strip()
+            if is_step_checkpoint(step):
+                return step
         return path
     if path.exists():
         raise ModelNotFoundError(f"{path} is a file; --model expects a checkpoint directory or a hub id")
@@ -120,6 +138,8 @@ def load_model(
     and projection stay fp32, as BLIP-2 keeps them.
     """
     path = resolve_checkpoint(name_or_path)
+    if is_step_checkpoint(path):
+        return _load_step(path, dtype, device, source=str(name_or_path))
     if (path / CONFIG_FILENAME).exists():
         config = Blip2ModelConfig.load(path)
     elif (path / "config.json").exists():
@@ -146,6 +166,74 @@ def load_model(
         qformer_tokenizer=qformer_tokenizer,
         source=str(name_or_path),
     )
+
+
+# --------------------------------------------------------------------------- step checkpoints
+def is_step_checkpoint(path: Path) -> bool:
+    return (path / STEP_WEIGHTS_FILENAME).is_file() and (path / STEP_STATE_FILENAME).is_file()
+
+
+def base_id_of(step_dir: Path) -> str | None:
+    """The id of the run base a step checkpoint was trained on (None for steps from before bases existed)."""
+    try:
+        state = json.loads((Path(step_dir) / STEP_STATE_FILENAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return (state.get("manifest") or {}).get("base_id")
+
+
+def write_run_base(run_dir: Path, model, tokenizer=None, qformer_tokenizer=None, keep_id: str | None = None) -> str:
+    """Write ``RUN/base/`` (a complete checkpoint of ``model`` as built) and return its id.
+
+    With ``keep_id`` (a resumed run's), an existing base of that id is kept as it is. Written in blip2's own
+    format, which never changes ``model``; the frozen weights (most of the bytes) are written once per run."""
+    import uuid
+
+    base = Path(run_dir) / RUN_BASE_DIR
+    if keep_id is not None and _read_base_id(base) == keep_id:
+        return keep_id
+    base_id = uuid.uuid4().hex
+    save_model(model, base, tokenizer=tokenizer, qformer_tokenizer=qformer_tokenizer, transformers_format=False)
+    (base / RUN_BASE_ID_FILENAME).write_text(json.dumps({"id": base_id}) + "\n")
+    return base_id
+
+
+def _read_base_id(base: Path) -> str | None:
+    try:
+        return json.loads((base / RUN_BASE_ID_FILENAME).read_text()).get("id")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def _load_step(path: Path, dtype, device, source: str) -> LoadedModel:
+    """``RUN/base`` with the trainable weights of ``RUN/step-N`` on top."""
+    base = path.parent / RUN_BASE_DIR
+    wanted = base_id_of(path)
+    if not (base / CONFIG_FILENAME).exists() or wanted is None:
+        raise CheckpointError(
+            f"{path} is a step checkpoint without a {RUN_BASE_DIR}/ model to read it on (a run from before blip2 "
+            "wrote one); resume the run to the end and use its final/ checkpoint"
+        )
+    if _read_base_id(base) != wanted:
+        raise CheckpointError(f"{path} was not trained on {base} (the run was restarted since); use a newer step")
+    loaded = load_model(base)
+    try:
+        weights = load_file(path / STEP_WEIGHTS_FILENAME)
+    except Exception as err:  # safetensors raises its own error types for torn files
+        raise CheckpointError(f"cannot read weights in {path}: {str(err).splitlines()[0]}") from None
+    params = dict(loaded.model.named_parameters())
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise CheckpointError(f"{path}: {len(unknown)} weights have no place in {base} (e.g. {unknown[0]})")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            if params[name].shape != tensor.shape:
+                raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, {base} {tuple(params[name].shape)}")
+            params[name].copy_(tensor)
+    _cast_frozen_parts(loaded.model, dtype)
+    loaded.model.to(device).eval()
+    loaded.source = source
+    return loaded
 
 
 def _config_from_hf_dir(path: Path, stage: int) -> Blip2ModelConfig:
@@ -306,8 +394,12 @@ def _load_tokenizers(path: Path, config: Blip2ModelConfig):
 
 
 def _load_image_processor(path: Path, config: Blip2ModelConfig):
+    """A blip2 checkpoint's config says how its images are prepared; a transformers-only checkpoint's
+    ``preprocessor_config.json`` does."""
     from transformers import BlipImageProcessor
 
+    if (path / CONFIG_FILENAME).exists():
+        return make_image_processor(config)
     if (path / "preprocessor_config.json").exists() or (path / "processor_config.json").exists():
         try:
             return BlipImageProcessor.from_pretrained(path)
@@ -317,16 +409,19 @@ def _load_image_processor(path: Path, config: Blip2ModelConfig):
 
 
 def make_image_processor(config: Blip2ModelConfig):
-    """BLIP-2's eval transform: square bicubic resize (no crop), CLIP mean/std."""
-    from transformers import BlipImageProcessor
+    """The eval transform ``config`` describes: BLIP-2's square resize (``BlipImageProcessor``, what
+    transformers' Blip2Processor uses), or shortest-edge resize + center crop (``CLIPImageProcessor``)."""
+    from transformers import BlipImageProcessor, CLIPImageProcessor
 
-    return BlipImageProcessor(
-        size={"height": config.image_size, "width": config.image_size},
-        image_mean=list(config.image_mean),
-        image_std=list(config.image_std),
-        resample=3,  # PIL bicubic, as LAVIS blip_image_eval
-        do_convert_rgb=True,
-    )
+    from blip2cli.models.preprocessing import PIL_RESAMPLE_CODES
+
+    pre = config.preprocessing
+    common = dict(image_mean=list(pre.mean), image_std=list(pre.std), resample=PIL_RESAMPLE_CODES[pre.interpolation],
+                  do_convert_rgb=True)
+    if pre.resize == "square":
+        return BlipImageProcessor(size={"height": pre.size, "width": pre.size}, **common)
+    return CLIPImageProcessor(size={"shortest_edge": pre.shortest_edge}, do_center_crop=True,
+                              crop_size={"height": pre.size, "width": pre.size}, **common)
 
 
 # --------------------------------------------------------------------------- saving
@@ -337,11 +432,14 @@ def save_model(
     image_processor=None,
     qformer_tokenizer=None,
     require_transformers_format: bool = False,
+    transformers_format: bool = True,
 ) -> Path:
     """Write a checkpoint directory atomically (a temp directory renamed into place).
 
     Stage-2 models whose encoder transformers can hold get ``<image>`` tokens and ``num_query_tokens``
-    in their processor, so transformers never silently ignores the image.
+    in their processor, so transformers never silently ignores the image. ``transformers_format=False``
+    writes blip2's own format only, which leaves ``model`` untouched (adding ``<image>`` resizes the LLM's
+    embeddings): for a model still being trained.
     """
     config: Blip2ModelConfig = model.config
     out_dir = Path(out_dir)
@@ -354,7 +452,8 @@ def save_model(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        if config.has_transformers_equivalent:
+        as_transformers = config.has_transformers_equivalent and transformers_format
+        if as_transformers:
             _save_transformers_format(model, config, tmp, tokenizer)
         else:
             _save_state(model, tmp)
@@ -365,7 +464,7 @@ def save_model(
             qformer_tokenizer.save_pretrained(tmp / QFORMER_TOKENIZER_DIR)
         processor = image_processor or make_image_processor(config)
         processor.save_pretrained(tmp)
-        if config.stage == 2 and config.has_transformers_equivalent and tokenizer is not None:
+        if config.stage == 2 and as_transformers and tokenizer is not None:
             _save_blip2_processor(tmp, processor, tokenizer, config.num_query_tokens)
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -11,8 +11,17 @@ from blip2cli.checkpoint import LoadedModel
 from blip2cli.errors import Blip2Error
 
 # BLIP-2's zero-shot VQA prompts (spec section (g)); `{}` is the question.
-DECODER_ONLY_TEMPLATE = "Question: {} Answer:"
-ENCODER_DECODER_TEMPLATE = "Question: {} Short answer:"
+from blip2cli.evaluation.tasks import VQA_PROMPT_DECODER_ONLY as DECODER_ONLY_TEMPLATE  # noqa: E402
+from blip2cli.evaluation.tasks import VQA_PROMPT_ENCODER_DECODER as ENCODER_DECODER_TEMPLATE  # noqa: E402
+
+
+# ``blip2 ask``'s defaults where neither a flag nor the checkpoint says otherwise, per kind of output.
+ASK_DEFAULTS = {
+    "caption": {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 1, "length_penalty": 1.0},
+    "vqa": {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": 1.0},
+}
+_FLAGS = {"prompt": "--prompt", "num_beams": "--num-beams", "max_new_tokens": "--max-new-tokens",
+          "min_new_tokens": "--min-new-tokens", "length_penalty": "--length-penalty"}
 
 
 @dataclass
@@ -82,25 +91,63 @@ class Blip2Assistant:
 
     @property
     def default_template(self) -> str:
+        """The VQA template the checkpoint was trained with, else the protocol's for its LLM family."""
+        stored = self.loaded.config.stored_generation("vqa").get("prompt")
+        if stored:
+            return stored
         return ENCODER_DECODER_TEMPLATE if self.model.is_encoder_decoder else DECODER_ONLY_TEMPLATE
+
+    @property
+    def default_caption_prompt(self) -> str:
+        """The caption prompt the checkpoint was trained with, else none."""
+        return self.loaded.config.stored_generation("caption").get("prompt") or ""
+
+    def resolve(self, kind: str, flags: dict) -> tuple[str, GenerationOptions, list[str]]:
+        """(prompt or template, options, notes) for ``kind`` "vqa" or "caption": ``flags`` (None = not given)
+        over what the checkpoint stored over ``ASK_DEFAULTS``; one note per flag that replaces a stored value."""
+        stored = self.loaded.config.stored_generation(kind)
+        values = {**ASK_DEFAULTS[kind], "prompt": self.default_template if kind == "vqa" else self.default_caption_prompt}
+        values.update({k: v for k, v in stored.items() if k in values})
+        notes = []
+        for key, value in flags.items():
+            if value is None:
+                continue
+            if key in stored and stored[key] != value:
+                notes.append(f"{_FLAGS.get(key, key)} {value!r} replaces the checkpoint's {stored[key]!r}")
+            values[key] = value
+        prompt = values.pop("prompt")
+        extra = {k: v for k, v in values.items() if k not in GenerationOptions.__dataclass_fields__}
+        options = GenerationOptions(**{k: v for k, v in values.items() if k not in extra})
+        return prompt, options, notes
 
     def pixel_values(self, images: Sequence) -> torch.Tensor:
         batch = self.loaded.image_processor(images=list(images), return_tensors="pt")
         return batch["pixel_values"].to(self.device)
 
     def generate(self, images: Sequence, prompts: Sequence[str] | None, options: GenerationOptions) -> list[str]:
-        """One output per image; ``prompts`` None or empty strings mean plain captioning."""
-        pixel_values = self.pixel_values(images)
-        input_ids = attention_mask = None
-        if prompts is not None and any(prompts):
-            batch = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
-            input_ids = batch["input_ids"].to(self.device)
-            attention_mask = batch["attention_mask"].to(self.device)
-        output = self.model.generate(pixel_values, input_ids, attention_mask, **options.generate_kwargs())
-        return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
+        """One output per image; ``prompts`` None or empty strings mean plain captioning. Generation stops
+        at the token the checkpoint's training texts ended with, as ``blip2 eval`` does."""
+        from blip2cli.models.llm import stop_token_ids
+        from blip2cli.models.text import decode_generated
 
-    def caption(self, image, prompt: str = "", options: GenerationOptions | None = None) -> str:
-        return self.generate([image], [prompt] if prompt else None, options or GenerationOptions())[0]
+        from blip2cli.models.text import generation_batch
+
+        pixel_values = self.pixel_values(images)
+        # An empty prompt tokenises as training saw it: BOS for OPT, "</s>" for T5, nothing for LLMs whose
+        # tokenizer adds no BOS (Llama-style): the caption then follows the visual prompts directly.
+        batch = generation_batch(self.tokenizer, list(prompts or [""] * len(images)), self.model.is_encoder_decoder)
+        input_ids, attention_mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        kwargs = options.generate_kwargs()
+        stop = stop_token_ids(self.model.language_model, self.tokenizer, self.loaded.config.usage.get("end_token"))
+        if stop:
+            kwargs["eos_token_id"] = stop
+        output = self.model.generate(pixel_values, input_ids, attention_mask, **kwargs)
+        return decode_generated(self.tokenizer, output, stop_at_newline=not self.model.is_encoder_decoder)
+
+    def caption(self, image, prompt: str | None = None, options: GenerationOptions | None = None) -> str:
+        """A caption; ``prompt`` None means the checkpoint's caption prompt (if any)."""
+        prompt = self.default_caption_prompt if prompt is None else prompt
+        return self.generate([image], [prompt] if prompt else None, options or self.resolve("caption", {})[1])[0]
 
     def answer(
         self,
@@ -112,7 +159,7 @@ class Blip2Assistant:
     ) -> str:
         """Answer ``question``; ``history`` holds earlier (question, answer) turns about the same image,
         concatenated in front as in the paper's visual conversation examples."""
-        options = options or GenerationOptions(max_new_tokens=10)
+        options = options or self.resolve("vqa", {})[1]
         template = template or self.default_template
         history = list(history)
         prompt = conversation_prompt(template, question, history)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from blip2cli.errors import Blip2Error
+from blip2cli.models.preprocessing import INTERPOLATIONS, RESIZE_MODES
 
 RECIPES_DIR = Path(__file__).parent / "recipes_data"
 
@@ -62,13 +63,18 @@ class ModelSection:
     qformer_init: str = _f("bert-base-uncased", 'Weights and vocabulary the Q-Former starts from (hub id or path; "tiny" = random tiny config).')
     init_from: str | None = _f(None, "Checkpoint to warm-start from (stage-1 run for stage 2, a BLIP-2 model for fine-tuning). Absent: the workspace's latest.")
     num_query_tokens: int = _f(32, "Learned query tokens; also the number of soft visual tokens given to the LLM.")
-    image_size: int = _f(224, "Square input resolution in pixels; position embeddings are interpolated when it differs from pretraining.")
+    image_size: int | None = _f(None, "Square input resolution in pixels; absent = the image encoder's own (224 for EVA ViT-g / CLIP ViT-L; an hf: model's preprocessor_config.json). Position embeddings are interpolated when it differs from the encoder's.")
+    image_mean: tuple[float, float, float] | None = _f(None, "Per-channel normalisation mean; absent = the encoder's own (CLIP's for EVA / CLIP ViT-L, the paper's; an hf: model's image processor; an open_clip tag's).")
+    image_std: tuple[float, float, float] | None = _f(None, "Per-channel normalisation std; absent = the encoder's own (as image_mean).")
+    image_resize: str | None = _f(None, 'Eval-time resize: "square" (resize to image_size x image_size, nothing cut: BLIP-2) or "shortest_edge" (shorter side scaled, then center crop: CLIP/DINOv2 style); absent = the encoder\'s own. Training always uses a random resized crop.')
+    image_interpolation: str | None = _f(None, "Resampling filter: nearest | bilinear | bicubic | lanczos; absent = the encoder's own (bicubic for BLIP-2).")
+    vision_feature_layer: int | None = _f(None, "Hidden layer of the image encoder the Q-Former reads (-1 last block, -2 penultimate); absent = per family: -2 for EVA / CLIP (the paper), -1 for others (DINOv2, SigLIP...).")
     freeze_vision: bool = _f(True, "Keep the image encoder frozen (in eval mode, under no_grad).")
     vision_precision: str = _f("fp16", "Storage dtype of the image encoder: fp16 (LAVIS, frozen only), bf16 or fp32 (needed when it trains).")
     freeze_llm: bool = _f(True, "Keep the LLM frozen (BLIP-2 always does).")
     llm_precision: str = _f("fp16", "Storage dtype of the frozen LLM: fp16 for OPT, bf16 for FlanT5 (LAVIS).")
-    qformer_text_input: bool = _f(False, "Also feed the text (the VQA question) to the Q-Former, so the queries attend to it.")
-    prompt: str = _f("", 'Text the LLM output continues during training and generation (captioning: "a photo of").')
+    qformer_text_input: bool = _f(False, "Also feed the text (the VQA question) to the Q-Former, so the queries attend to it (the paper's VQA fine-tuning). Not implemented yet: true is refused.")
+    prompt: str = _f("", 'Text the LLM output continues during training and generation (captioning: "a photo of"); stored in the checkpoint as its caption prompt.')
 
 
 @dataclass
@@ -130,11 +136,12 @@ class TrainSection:
 
 @dataclass
 class EvalSection:
-    num_beams: int = _f(5, "Beam width for generation during validation.")
-    max_new_tokens: int = _f(30, "Generated tokens at most.")
-    min_new_tokens: int = _f(1, "Generated tokens at least.")
-    length_penalty: float = _f(1.0, "Beam-search length penalty (negative favours short answers, as in VQA).")
-    prompt_template: str = _f("", 'VQA prompt with {} for the question, e.g. "Question: {} Short answer:"; empty for captioning.')
+    num_beams: int | None = _f(None, "Beam width of in-loop eval.task generation; absent = the protocol's (5). With eval.task set, stored in the checkpoint as its default for that kind of task (VQA or captions).")
+    max_new_tokens: int | None = _f(None, "Generated tokens at most; absent = the protocol's (VQA 10, captions 30). Stored like num_beams.")
+    min_new_tokens: int | None = _f(None, "Generated tokens at least; absent = the protocol's (VQA 1, captions 8). Stored like num_beams.")
+    length_penalty: float | None = _f(None, "Beam-search length penalty (negative favours short answers); absent = the protocol's (VQA: -1 FlanT5, 0 OPT; captions 1). Stored like num_beams.")
+    prompt_template: str = _f("", 'VQA prompt with {} for the question that this model answers to, e.g. "Question: {} Short answer:"; stored in the checkpoint, so `blip2 ask` and `blip2 eval` use it. Empty = the fine-tuned checkpoint\'s, else the protocol\'s.')
+    caption_prompt: str | None = _f(None, 'Text generated captions continue (`blip2 ask`, `blip2 eval coco`), stored in the checkpoint; absent = model.prompt when set, else the fine-tuned checkpoint\'s, else the protocol\'s ("a photo of" in eval, none in ask).')
     k_test: int = _f(128, "Retrieval: ITC candidates re-ranked by ITM per query.")
     max_batches: int = _f(0, "Validation batches at most; 0 = the whole validation set.")
     task: str = _f("", "In-loop `blip2 eval` task run every train.eval_every steps (vqav2, coco, flickr30k, ...); empty = held-out loss only.")
@@ -178,7 +185,14 @@ class Recipe:
             check(m.llm is None, "model.llm", "stage-1 models have no LLM; remove the key (override: ~model.llm)")
             check(lo.itc + lo.itm + lo.itg > 0, "loss", "itc, itm and itg are all 0: nothing to train")
         check(m.num_query_tokens > 0, "model.num_query_tokens", "must be positive")
-        check(m.image_size > 0, "model.image_size", "must be positive")
+        check(not m.qformer_text_input, "model.qformer_text_input",
+              "feeding the question to the Q-Former is not implemented yet; the question reaches the LLM through "
+              "eval.prompt_template")
+        check(m.image_size is None or m.image_size > 0, "model.image_size", "must be positive")
+        check(m.image_resize in (None, *RESIZE_MODES), "model.image_resize", f"must be one of {', '.join(RESIZE_MODES)}")
+        check(m.image_interpolation in (None, *INTERPOLATIONS), "model.image_interpolation",
+              f"must be one of {', '.join(INTERPOLATIONS)}")
+        check(m.image_std is None or all(v > 0 for v in m.image_std), "model.image_std", "must be positive")
         check(m.vision_precision in PRECISIONS, "model.vision_precision", f"must be one of {', '.join(PRECISIONS)}")
         check(m.llm_precision in PRECISIONS, "model.llm_precision", f"must be one of {', '.join(PRECISIONS)}")
         if not m.freeze_vision:
@@ -224,9 +238,12 @@ class Recipe:
         check(t.keep_last >= 1, "train.keep_last", "must be >= 1")
         check(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = off)")
 
-        check(e.num_beams >= 1, "eval.num_beams", "must be >= 1")
-        check(e.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
-        check(0 <= e.min_new_tokens <= e.max_new_tokens, "eval.min_new_tokens", "must be in [0, eval.max_new_tokens]")
+        check(e.num_beams is None or e.num_beams >= 1, "eval.num_beams", "must be >= 1")
+        check(e.max_new_tokens is None or e.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+        check(e.min_new_tokens is None or 0 <= e.min_new_tokens <= (e.max_new_tokens or e.min_new_tokens),
+              "eval.min_new_tokens", "must be in [0, eval.max_new_tokens]")
+        check(not e.prompt_template or e.prompt_template.count("{}") == 1, "eval.prompt_template",
+              f"needs exactly one {{}} for the question, got {e.prompt_template!r}")
         check(e.k_test >= 1, "eval.k_test", "must be >= 1")
         check(e.max_batches >= 0, "eval.max_batches", "must be >= 0 (0 = all)")
         check(e.limit >= 0, "eval.limit", "must be >= 0 (0 = all)")

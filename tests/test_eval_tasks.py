@@ -504,3 +504,124 @@ def test_data_parallel_runs_match_single_process(hf_opt_dir, stage1_dir, tmp_pat
         shards = [len((out / name).read_text().splitlines()) for name in ("predictions.jsonl", "predictions.rank1.jsonl")]
         assert shards == [3, 2], task  # items split over the ranks
         assert _read(out / "predictions.json") == _read(tmp_path / f"single-{task}" / "predictions.json"), task
+
+
+# --------------------------------------------------------------------------------------------- output sanity notes
+def _vqa_data(majority: list[str], with_truth: bool = True):
+    """VQA EvalData built directly: question i has 7 human answers ``majority[i]`` and 3 ``other``."""
+    from blip2cli.evaluation.datasets import EvalData, EvalItem
+
+    items = [EvalItem(key=str(i), id=i, image=Path(f"/nonexistent/{i}.jpg"), text="q?") for i in range(len(majority))]
+    truth = {str(i): {"answers": [a] * 7 + ["other"] * 3, "answer_type": "other"} for i, a in enumerate(majority)}
+    return EvalData(task="vqav2", split="val", kind="vqa", items=items, vqa_truth=truth if with_truth else {})
+
+
+def _score(data, outputs: list[str]):
+    from blip2cli.evaluation.runner import score_outputs
+
+    metrics, _ = score_outputs(data, {str(i): o for i, o in enumerate(outputs)}, default_settings(data.task),
+                               use_java=False)
+    return metrics
+
+
+def test_output_stats_note_for_mostly_empty_answers():
+    from blip2cli.evaluation.runner import DEGENERATE_OUTPUT_FRACTION
+
+    assert DEGENERATE_OUTPUT_FRACTION == 0.2
+    colours = ["red", "green", "blue", "white", "black", "pink", "grey", "brown", "cyan", "gold"]
+    data = _vqa_data(colours)
+    # 3 of 10 empty (30%): noted, with the counts in output_stats
+    metrics = _score(data, ["", " ", "\n"] + colours[3:])
+    stats = metrics["output_stats"]
+    assert (stats["num_outputs"], stats["num_empty"], stats["empty_fraction"]) == (10, 3, 0.3)
+    assert stats["top_output"] == "" and stats["top_fraction"] == 0.3
+    empty_notes = [n for n in metrics["notes"] if "are empty" in n]
+    assert empty_notes == ["3 of 10 answers (30%) are empty: the model may not have been trained with this prompt "
+                           "template, or stops at once"]
+    assert stats["warnings"] == empty_notes and metrics["accuracy"] == 70.0
+    # 2 of 10 (20%, not more): no note at all
+    metrics = _score(data, ["", ""] + colours[2:])
+    assert (metrics["output_stats"]["num_empty"], metrics["output_stats"]["empty_fraction"]) == (2, 0.2)
+    assert "notes" not in metrics and metrics["output_stats"]["warnings"] == []
+    # the case seen in practice, and without ground truth too
+    many = _vqa_data(["yes"] * 176, with_truth=False)
+    metrics = _score(many, [""] * 173 + ["yes"] * 3)
+    assert ("173 of 176 answers (98%) are empty: the model may not have been trained with this prompt template, "
+            "or stops at once") in metrics["notes"]
+    assert metrics["output_stats"]["num_empty"] == 173 and "top_truth_fraction" not in metrics["output_stats"]
+
+
+def test_output_stats_note_for_one_identical_caption():
+    from blip2cli.evaluation.datasets import EvalData, EvalItem
+
+    items = [EvalItem(key=str(i), id=i, image=Path(f"/nonexistent/{i}.jpg")) for i in range(20)]
+    refs = {str(i): [f"a {c} square" for c in ("red", "blue")] for i in range(20)}
+    data = EvalData(task="coco", split="test", kind="caption", items=items, captions=refs)
+    distinct = [f"a square number {i}" for i in range(20)]
+    # 9 of 20 (45%) the same caption, however cased and spaced
+    outputs = ["a photo of a cat"] * 5 + ["A photo of  a cat "] * 4 + distinct[9:]
+    metrics = _score(data, outputs)
+    assert '"a photo of a cat" is 45% of the captions' in metrics["notes"]
+    stats = metrics["output_stats"]
+    assert stats["top_output"] == "a photo of a cat" and stats["top_fraction"] == 0.45 and stats["num_empty"] == 0
+    assert "CIDEr" in metrics  # the metrics are still computed
+    # 4 of 20 (20%): no note; 5 of 20 empty captions (25%): the empty note, for captions
+    metrics = _score(data, ["a photo of a cat"] * 4 + distinct[4:])
+    assert "notes" not in metrics and metrics["output_stats"]["top_fraction"] == 0.2
+    metrics = _score(data, [""] * 5 + distinct[5:])
+    assert metrics["notes"] == ["5 of 20 captions (25%) are empty: the model may not have been trained with this "
+                                "prompt template, or stops at once"]
+
+
+def test_output_stats_note_for_an_answer_biased_against_the_truth():
+    from blip2cli.evaluation.datasets import EvalData, EvalItem
+
+    truth = ["yes"] * 4 + ["no"] * 3 + ["2", "red", "dog"]  # "yes" is the majority answer of 40% of the questions
+    data = _vqa_data(truth)
+    # "yes" predicted for 70% (> 20% and > 1.5 x 40%): noted
+    metrics = _score(data, ["Yes."] * 7 + ["2", "red", "dog"])
+    assert '"yes" is 70% of the answers (ground truth: 40%)' in metrics["notes"]
+    stats = metrics["output_stats"]
+    assert (stats["top_output"], stats["top_fraction"], stats["top_truth_fraction"]) == ("yes", 0.7, 0.4)
+    # the same share as the truth (a perfect model): no note
+    metrics = _score(data, truth)
+    assert "notes" not in metrics and metrics["output_stats"]["top_fraction"] == 0.4
+    assert metrics["output_stats"]["top_truth_fraction"] == 0.4 and metrics["accuracy"] == 100.0
+    # without ground truth only the empty rule applies
+    metrics = _score(_vqa_data(truth, with_truth=False), ["yes"] * 10)
+    assert "top_truth_fraction" not in metrics["output_stats"]
+    assert not any("of the answers" in n for n in metrics.get("notes", []))
+    # GQA: the single ground-truth answer per question
+    items = [EvalItem(key=str(i), id=str(i), image=Path(f"/nonexistent/{i}.jpg"), text="q?") for i in range(10)]
+    gqa = EvalData(task="gqa", split="testdev", kind="gqa", items=items,
+                   gqa_truth={str(i): a for i, a in enumerate(truth)})
+    assert '"no" is 90% of the answers (ground truth: 30%)' in _score(gqa, ["no"] * 9 + ["yes"])["notes"]
+    assert "notes" not in _score(gqa, truth)
+
+
+def test_output_stats_in_rescored_metrics_json_and_report(tmp_path):
+    from blip2cli.demo.runner import read_metrics
+
+    data_dir = vqa_dir(tmp_path / "vqav2")
+    predictions = [{"question_id": 1000, "answer": "red"}] + [{"question_id": 1000 + i, "answer": ""} for i in (1, 2, 3)]
+    out = tmp_path / "rescored"
+    result = rescore("vqav2", load_eval_data("vqav2", data_dir), _write_json(tmp_path / "p.json", predictions),
+                     out_dir=out)
+    metrics = _read(out / "metrics.json")
+    assert metrics["output_stats"]["num_outputs"] == 4 and metrics["output_stats"]["num_empty"] == 3
+    assert metrics["output_stats"]["empty_fraction"] == 0.75
+    assert any(n.startswith("3 of 4 answers (75%) are empty") for n in metrics["notes"])
+    assert result.metrics["output_stats"] == metrics["output_stats"]
+    # numeric-only consumers keep the metric itself: the in-loop filter and the demo's flattened read
+    numeric = {k for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    assert "accuracy" in numeric and not numeric & {"num_outputs", "num_empty", "empty_fraction", "top_fraction"}
+    flat = read_metrics(out)
+    assert flat["accuracy"] == metrics["accuracy"] == 25.0 and flat["empty_fraction"] == 0.75
+    # `blip2 eval report` marks the run's values
+    clean = tmp_path / "clean"
+    _write_json(clean / "metrics.json", {"task": "vqav2", "split": "val", "model": "m", "accuracy": 50.0})
+    report = CliRunner().invoke(app, ["eval", "report", str(out), str(clean)], env={"COLUMNS": "250"})
+    assert report.exit_code == 0, report.output
+    assert "⚠ 25.00" in report.output and "⚠ 50.00" not in report.output and "suspicious outputs" in report.output
+    plain = CliRunner().invoke(app, ["eval", "report", str(clean)], env={"COLUMNS": "250"})
+    assert "⚠" not in plain.output

@@ -170,7 +170,11 @@ def test_finetune_recipes():
     assert (cap.optim.lr, cap.optim.warmup_steps) == (1e-5, 1000)
     assert (cap.eval.num_beams, cap.eval.max_new_tokens, cap.eval.min_new_tokens) == (5, 30, 8)
     vqa = load_recipe("finetune_vqa_vqav2")
-    assert vqa.model.qformer_text_input and vqa.model.freeze_llm and not vqa.model.freeze_vision
+    assert vqa.model.freeze_llm and not vqa.model.freeze_vision
+    # the question is not fed to the Q-Former yet (the paper does): the key is refused rather than ignored
+    assert not vqa.model.qformer_text_input
+    with pytest.raises(Blip2Error, match="model.qformer_text_input: feeding the question to the Q-Former is not implemented"):
+        load_recipe("finetune_vqa_vqav2", ["model.qformer_text_input=true"])
     assert vqa.model.image_size == 490 and "unverified" in find_recipe("finetune_vqa_vqav2").read_text()
     ret = load_recipe("finetune_retrieval_coco")
     assert (ret.model.stage, ret.model.image_size, ret.eval.k_test) == (1, 364, 128)

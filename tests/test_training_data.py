@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import random
 import time
 
@@ -124,12 +125,26 @@ def test_capfilt_caption_is_one_of_top_k():
 def test_decoder_normalises_and_counts():
     dec = SampleDecoder(image_transform(16, False), captions_top_k=2, max_words=3)
     counter = SkipCounter()
-    x, text = dec({"__key__": "k", "jpg": _jpeg(1), "txt": b"A (Big) dog: runs far."}, random.Random(0), counter)
-    assert x.shape == (3, 16, 16) and text == "a big dog"
+    x, text, question = dec({"__key__": "k", "jpg": _jpeg(1), "txt": b"A (Big) dog: runs far."}, random.Random(0), counter)
+    assert x.shape == (3, 16, 16) and text == "a big dog" and question is None
     assert dec({"__key__": "k", "jpg": b"junk", "txt": b"x"}, random.Random(0), counter) is None
     assert dec({"__key__": "k", "txt": b"x"}, random.Random(0), counter) is None
     assert dec({"__key__": "k", "png": _jpeg(1), "json": b"{bad json"}, random.Random(0), counter) is None
     assert counter.counts == {"bad_image": 1, "no_image": 1, "no_caption": 1}
+
+
+def test_question_answer_samples_carry_their_question():
+    """A VQA sample (blip2 download pretrain vqa) yields its answer as the text and its question apart; answers
+    are drawn by frequency in training, the most frequent one in eval."""
+    dec = SampleDecoder(image_transform(16, False), max_words=10)
+    meta = {"question": "What colour is it?", "answers": ["red", "red", "red", "dark red"]}
+    raw = {"__key__": "k", "jpg": _jpeg(1), "txt": b"what colour is it red", "json": json.dumps(meta).encode()}
+    _, text, question = dec(raw, None, SkipCounter())
+    assert (text, question) == ("red", "what colour is it?")  # LAVIS blip_question keeps "?"
+    drawn = [dec(raw, random.Random(seed), SkipCounter())[1] for seed in range(200)]
+    assert set(drawn) == {"red", "dark red"} and 0.6 < drawn.count("red") / 200 < 0.9
+    no_answers = {**raw, "json": json.dumps({"question": "q?", "answers": []}).encode()}
+    assert dec(no_answers, None, SkipCounter())[1:] == ("what colour is it red", None)  # falls back to the caption
 
 
 # ----------------------------------------------------------------- skips

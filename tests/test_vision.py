@@ -284,14 +284,17 @@ def hf_models():
     }
 
 
-@pytest.mark.parametrize("family", ["clip", "dinov2"])
-def test_hf_encoder_returns_penultimate_hidden_state(family, tmp_path):
+@pytest.mark.parametrize("family, layer, chosen", [("clip", -2, None), ("dinov2", -1, None), ("dinov2", -2, -2),
+                                                   ("clip", -1, -1), ("dinov2", 1, 1)])
+def test_hf_encoder_returns_the_family_default_or_chosen_hidden_state(family, layer, chosen, tmp_path):
+    """CLIP towers feed the Q-Former their penultimate block (BLIP-2's convention), every other family its
+    last block, unless a layer is chosen (recipe key model.vision_feature_layer)."""
     reference = hf_models()[family]
-    encoder, spec = load_vision_encoder(f"hf:{_save(reference, tmp_path)}", image_size=SIZE)
-    assert isinstance(encoder, HFVisionEncoder) and spec["feature_layer"] == -2 and spec["hidden_size"] == WIDTH
+    encoder, spec = load_vision_encoder(f"hf:{_save(reference, tmp_path)}", image_size=SIZE, feature_layer=chosen)
+    assert isinstance(encoder, HFVisionEncoder) and spec["feature_layer"] == layer and spec["hidden_size"] == WIDTH
     x = images()
     with torch.no_grad():
-        expected = reference(pixel_values=x, output_hidden_states=True).hidden_states[-2]
+        expected = reference(pixel_values=x, output_hidden_states=True).hidden_states[layer]
         features = trunk_features(encoder, x)
     assert features.shape == (2, TOKENS, WIDTH)
     torch.testing.assert_close(features, expected, atol=0, rtol=0)

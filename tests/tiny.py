@@ -143,10 +143,12 @@ def shape_image(fg: str, bg: str, size: int = IMAGE_SIZE):
     return image
 
 
-def write_shards(directory: Path, num_shards: int = 2, per_shard: int = 8, corrupt: int = 0) -> list[str]:
+def write_shards(directory: Path, num_shards: int = 2, per_shard: int = 8, corrupt: int = 0,
+                 colour: tuple[int, int, int] | None = None) -> list[str]:
     """Webdataset shards in img2dataset's layout ({key}.jpg/.txt/.json) of coloured-square images.
 
-    ``corrupt`` extra samples per shard carry bytes that are not an image.
+    ``corrupt`` extra samples per shard carry bytes that are not an image; ``colour`` makes every image one
+    flat colour instead.
     """
     import io
     import itertools
@@ -167,7 +169,8 @@ def write_shards(directory: Path, num_shards: int = 2, per_shard: int = 8, corru
                 fg, bg = pairs[index % len(pairs)]
                 index += 1
                 buffer = io.BytesIO()
-                shape_image(fg, bg).save(buffer, format="JPEG", quality=95)
+                image = shape_image(fg, bg) if colour is None else __import__("PIL.Image").Image.new("RGB", (IMAGE_SIZE,) * 2, colour)
+                image.save(buffer, format="JPEG", quality=95)
                 caption = f"a {fg} square on a {bg} background"
                 sink.write({"__key__": key, "jpg": buffer.getvalue(), "txt": caption, "json": {"caption": caption}})
         paths.append(str(path))

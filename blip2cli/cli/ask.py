@@ -29,14 +29,14 @@ def ask(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Checkpoint directory or hub id."),
     interactive: bool = typer.Option(False, "--interactive", "-i", help="Keep the image loaded and answer question after question."),
     prompt_template: Optional[str] = typer.Option(
-        None, help="VQA prompt; {} is the question. Default 'Question: {} Answer:' (decoder-only LLMs) "
-        "or 'Question: {} Short answer:' (encoder-decoder)."
+        None, help="VQA prompt; {} is the question. Default: the one the checkpoint was trained with, else "
+        "'Question: {} Answer:' (decoder-only LLMs) or 'Question: {} Short answer:' (encoder-decoder)."
     ),
-    prompt: str = typer.Option("", help="Text the caption continues (captioning only), e.g. 'a photo of'."),
-    num_beams: int = typer.Option(5, min=1, help="Beam width (1 = greedy)."),
-    max_new_tokens: Optional[int] = typer.Option(None, min=1, help="Generated tokens at most [default: 30 for captions, 10 for answers]."),
-    min_new_tokens: int = typer.Option(1, min=0, help="Generated tokens at least."),
-    length_penalty: float = typer.Option(1.0, help="Beam-search length penalty (negative favours short outputs)."),
+    prompt: Optional[str] = typer.Option(None, help="Text the caption continues (captioning only), e.g. 'a photo of' [default: the checkpoint's caption prompt, else none]."),
+    num_beams: Optional[int] = typer.Option(None, min=1, help="Beam width, 1 = greedy [default: the checkpoint's, else 5]."),
+    max_new_tokens: Optional[int] = typer.Option(None, min=1, help="Generated tokens at most [default: the checkpoint's, else 30 for captions, 10 for answers]."),
+    min_new_tokens: Optional[int] = typer.Option(None, min=0, help="Generated tokens at least [default: the checkpoint's, else 1]."),
+    length_penalty: Optional[float] = typer.Option(None, help="Beam-search length penalty, negative favours short outputs [default: the checkpoint's, else 1.0]."),
     repetition_penalty: float = typer.Option(1.0, help="Repetition penalty (1.0 = none)."),
     sample: bool = typer.Option(False, "--sample", help="Nucleus sampling instead of beam search."),
     top_p: float = typer.Option(0.9, help="Nucleus probability mass when sampling."),
@@ -61,24 +61,30 @@ def ask(
     with stderr.status(f"loading {model}", spinner="dots") if stderr.is_terminal else _nothing():
         assistant = Blip2Assistant(load_model(model, dtype=torch_dtype, device=torch_device), torch_device)
 
+    flags = dict(num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                 length_penalty=length_penalty)
+    # Flags over what the checkpoint was trained with over ask's defaults; a flag that replaces a stored value says so.
+    template, vqa_options, vqa_notes = assistant.resolve("vqa", {**flags, "prompt": prompt_template})
+    caption_prompt, caption_options, caption_notes = assistant.resolve("caption", {**flags, "prompt": prompt})
+    for options in (vqa_options, caption_options):
+        options.repetition_penalty, options.sample, options.top_p, options.temperature = (
+            repetition_penalty, sample, top_p, temperature)
+    for note in (vqa_notes if question or interactive else []) + (caption_notes if not question or interactive else []):
+        stderr.print(f"[yellow]{note}[/yellow]", highlight=False)
+
     def options(is_question: bool) -> GenerationOptions:
-        default_max = 10 if is_question else 30
-        return GenerationOptions(
-            num_beams=num_beams, max_new_tokens=max_new_tokens or default_max, min_new_tokens=min_new_tokens,
-            length_penalty=length_penalty, repetition_penalty=repetition_penalty, sample=sample, top_p=top_p,
-            temperature=temperature,
-        )
+        return vqa_options if is_question else caption_options
 
     if not interactive:
         if question:
-            print(assistant.answer(picture, question, prompt_template, options=options(True)))
+            print(assistant.answer(picture, question, template, options=options(True)))
         else:
-            print(assistant.caption(picture, prompt, options=options(False)))
+            print(assistant.caption(picture, caption_prompt, options=options(False)))
         return
-    _repl(assistant, picture, question, prompt_template, options)
+    _repl(assistant, picture, question, template, options, caption_prompt)
 
 
-def _repl(assistant, picture, first_question, template, options) -> None:
+def _repl(assistant, picture, first_question, template, options, caption_prompt) -> None:
     """Question after question about one image; earlier turns are kept as context."""
     from rich.console import Console
 
@@ -102,7 +108,7 @@ def _repl(assistant, picture, first_question, template, options) -> None:
         if question == "/reset":
             history.clear()
         elif question == "/caption":
-            out.print(assistant.caption(picture, options=options(False)), highlight=False)
+            out.print(assistant.caption(picture, caption_prompt, options=options(False)), highlight=False)
         elif question.startswith("/image "):
             try:
                 picture = load_image(question.split(" ", 1)[1].strip())

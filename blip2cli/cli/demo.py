@@ -21,7 +21,14 @@ Examples:
 
   blip2 demo --stage1-steps 2000              # train stage 1 longer
 
-Afterwards: blip2 ask blip2-demo/world/images/test/000000000001.jpg --model blip2-demo/runs/stage2/final
+Afterwards (with the default --out; the demo prints the paths of its own run at the end):
+
+  blip2 ask blip2-demo/world/images/test/000000000001.jpg --model blip2-demo/runs/stage2/final
+
+  blip2 ask blip2-demo/world/images/test/000000000001.jpg "what color is the shape?" --model blip2-demo/runs/stage2/final
+
+The stage-2 checkpoint remembers the prompts it was trained with ("a photo of", "question {} answer"), so
+no prompt flags are needed.
 """
 
 

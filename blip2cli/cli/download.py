@@ -36,14 +36,23 @@ Examples:
 
   BLIP2_HOME=/data/blip2 blip2 download pretrain coco --url-list coco.parquet --distributor pyspark
 
+  blip2 download pretrain vqa --questions v2_OpenEnded_mscoco_train2014_questions.json \\
+      --annotations v2_mscoco_train2014_annotations.json --images train2014/ --out vqa-shards/
+      # VQA-format training files -> shards whose samples carry question + answers: stage 2 and
+      # `blip2 finetune vqa` train the LLM on the answer, with the question as its (masked) prompt
+
 Rerun the same command to resume: finished shards are skipped.
 """
 
 
 @download_app.command(epilog=PRETRAIN_EXAMPLES)
 def pretrain(
-    dataset: str = typer.Argument(..., help="coco, vg, cc3m, cc12m, sbu, laion or custom (sets the expected column names)."),
-    url_list: Path = typer.Option(..., "--url-list", help="parquet/csv/tsv/jsonl/json file (or folder of them) with url and caption columns."),
+    dataset: str = typer.Argument(..., help="coco, vg, cc3m, cc12m, sbu, laion or custom (sets the expected column names), or vqa (VQA-format question/answer files)."),
+    url_list: Optional[Path] = typer.Option(None, "--url-list", help="parquet/csv/tsv/jsonl/json file (or folder of them) with url and caption columns (every dataset but vqa)."),
+    questions: Optional[Path] = typer.Option(None, "--questions", help="vqa: official-format questions JSON."),
+    annotations: Optional[Path] = typer.Option(None, "--annotations", help="vqa: official-format annotations JSON (the answers)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="vqa: the image folder."),
+    image_pattern: Optional[str] = typer.Option(None, "--image-pattern", help="vqa: image file name, e.g. 'COCO_train2014_{image_id:012d}.jpg' [default: COCO names or {image_id}.jpg]."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <root>/pretrain/DATASET)."),
     root: Optional[Path] = typer.Option(None, "--root", help="Workspace root (default: $BLIP2_HOME, else ./blip2-data)."),
     image_size: int = typer.Option(224, "--image-size", help="Shorter side in pixels (BLIP-2 pretrains at 224)."),
@@ -57,15 +66,17 @@ def pretrain(
     url_col: Optional[str] = typer.Option(None, "--url-col", help="Url column, overriding the dataset's known name."),
     caption_col: Optional[str] = typer.Option(None, "--caption-col", help="Caption column, overriding the dataset's known name."),
 ) -> None:
-    """Download an image-caption url list into webdataset shards with img2dataset (resumable)."""
-    from blip2cli.data.download import download_pretrain
+    """Download an image-caption url list (or VQA-format files) into webdataset shards with img2dataset (resumable)."""
+    from blip2cli.data.download import VqaSource, download_pretrain
     from blip2cli.data.workspace import pretrain_dir
 
     out_dir = out if out is not None else pretrain_dir(dataset, root)
+    vqa = VqaSource(questions, annotations, images, image_pattern) if (questions or annotations or images) else None
     summary = download_pretrain(
         dataset,
         url_list,
         out_dir,
+        vqa=vqa,
         image_size=image_size,
         processes=processes,
         threads=threads,

@@ -48,7 +48,7 @@ def eval_command(
     workers: int = typer.Option(min(4, os.cpu_count() or 1), "--workers", min=0, help="Image-loading worker processes."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16 (frozen parts only)."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help="VQA template with {} for the question, or the caption prefix [default: per task and LLM family]."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="VQA template with {} for the question, or the caption prefix [default: the one the checkpoint was trained with, else per task and LLM family]."),
     num_beams: Optional[int] = typer.Option(None, "--num-beams", min=1, help="Beam width [default 5]."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="[default: 10 VQA, 30 captions]."),
     min_new_tokens: Optional[int] = typer.Option(None, "--min-new-tokens", min=0, help="[default: 1 VQA, 8 captions]."),
@@ -71,6 +71,7 @@ def eval_command(
 
     from blip2cli.errors import Blip2Error
     from blip2cli.evaluation import default_settings, load_eval_data, rescore, run_eval, task_spec
+    from blip2cli.evaluation.tasks import resolve_settings
     from blip2cli.evaluation.report import report_table
 
     out_console = Console()
@@ -112,7 +113,9 @@ def eval_command(
     with stderr.status(f"loading {model_id}", spinner="dots") if stderr.is_terminal else _nothing():
         loaded = load_model(model_id, dtype=torch_dtype, device=torch_device)
     encoder_decoder = bool(getattr(loaded.model, "is_encoder_decoder", False))
-    settings = _apply(default_settings(spec.name, encoder_decoder), overrides)
+    settings, replaced = resolve_settings(spec.name, loaded.config, encoder_decoder, overrides)
+    for line in replaced:
+        stderr.print(f"[yellow]{line}[/yellow]", highlight=False)
     target = out or _runs(root) / f"{spec.name}-{_model_name(model_id)}"
     from blip2cli.training.distributed import process_group_ended
 
@@ -161,14 +164,16 @@ def _apply(settings, overrides: dict):
 
 
 def _finish(console, result, summary: str) -> None:
-    from blip2cli.evaluation.report import metrics_table
+    from blip2cli.evaluation.report import metrics_table, output_warnings
     from blip2cli.evaluation.runner import rank_and_world
 
     if rank_and_world()[0] != 0:
         return
     console.print(metrics_table(result.metrics))
+    warnings = set(output_warnings(result.metrics))
     for note in result.metrics.get("notes", []):
-        stderr.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+        label = "[bold yellow]warning:[/bold yellow]" if note in warnings else "[yellow]note:[/yellow]"
+        stderr.print(f"{label} {note}", highlight=False)
     skipped = result.metrics.get("skipped") or []
     if skipped:
         stderr.print(f"skipped: {', '.join(skipped)}", highlight=False)

@@ -52,6 +52,7 @@ from blip2cli.errors import Blip2Error
 # | sbu     | image_url, url     | caption           | HF sbu_captions (image_url, user_id, caption)              |
 # | laion   | URL, url           | TEXT, caption     | LAION-400M/5B metadata parquet                             |
 # | custom  | url, image, path   | caption, text     | your own list; url may be http(s)://, file:// or a path    |
+# | vqa     | (built)            | (built)           | official VQA questions + annotations JSON (``VqaSource``)  |
 DATASET_COLUMNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "coco": (("coco_url", "url"), ("caption",)),
     "vg": (("url",), ("phrase", "caption")),
@@ -60,6 +61,7 @@ DATASET_COLUMNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "sbu": (("image_url", "url"), ("caption",)),
     "laion": (("URL", "url"), ("TEXT", "caption")),
     "custom": (("url", "image", "path"), ("caption", "text")),
+    "vqa": (("url",), ("caption",)),
 }
 DATASETS = tuple(DATASET_COLUMNS)
 
@@ -67,6 +69,42 @@ DATASETS = tuple(DATASET_COLUMNS)
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "json")
 DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
 RESIZE_MODES = ("keep_ratio", "center_crop", "border", "keep_ratio_largest", "no")
+
+
+@dataclass
+class VqaSource:
+    """VQA-format training files (``blip2 download pretrain vqa``): the official questions and annotations
+    JSON (VQAv2, OK-VQA and any set written in that format) and the image folder."""
+
+    questions: Path
+    annotations: Path
+    images: Path
+    image_pattern: str | None = None  # e.g. "COCO_train2014_{image_id:012d}.jpg"; default: COCO names or "{id}.jpg"
+
+
+def write_vqa_url_list(source: VqaSource, out_file: Path) -> int:
+    """The url list of a VQA training set: one row per question, ``url`` (the image's path), ``caption``
+    ("question answer", what stage 1 reads), ``question``, ``answers`` (the human answers as a JSON list) and
+    ``question_id``. The shards' json then carries the question and answers (``data/training.py``). Returns
+    the number of rows."""
+    import pandas as pd
+
+    from blip2cli.evaluation.datasets import load_eval_data
+
+    data = load_eval_data("vqav2", split="train", questions=source.questions, annotations=source.annotations,
+                          images=source.images, image_pattern=source.image_pattern)
+    rows = []
+    for item in data.items:
+        truth = data.vqa_truth.get(item.key)
+        if truth is None or not truth["answers"]:
+            continue
+        answers = list(truth["answers"])
+        rows.append({"url": str(item.image.resolve()), "caption": f"{item.text} {max(answers, key=answers.count)}",
+                     "question": item.text, "answers": json.dumps(answers), "question_id": str(item.id)})
+    if not rows:
+        raise Blip2Error(f"{source.annotations}: no question of {source.questions} has answers to train on")
+    pd.DataFrame(rows).to_parquet(out_file, index=False)
+    return len(rows)
 
 
 @dataclass
@@ -288,9 +326,10 @@ def _stream_target():
 
 def download_pretrain(
     dataset: str,
-    url_list: str | os.PathLike,
+    url_list: str | os.PathLike | None,
     out_dir: str | os.PathLike,
     *,
+    vqa: VqaSource | None = None,
     image_size: int = 224,
     processes: int = 1,
     threads: int = 64,
@@ -306,8 +345,21 @@ def download_pretrain(
     """Download a url list into webdataset shards (resumable) and summarize the output folder.
 
     Runs img2dataset in a child process: it starts its workers with the spawn context, which
-    re-imports ``__main__`` and would re-run a console script or test module.
+    re-imports ``__main__`` and would re-run a console script or test module. ``dataset="vqa"`` takes
+    ``vqa`` (VQA-format files) instead of a url list; its rows are written in a temporary url list.
     """
+    if (dataset == "vqa") != (vqa is not None):
+        raise Blip2Error("the vqa dataset takes --questions, --annotations and --images (and no --url-list)"
+                         if dataset == "vqa" else f"--questions/--annotations/--images are for the vqa dataset, not {dataset}")
+    if dataset != "vqa" and url_list is None:
+        raise Blip2Error(f"{dataset} needs --url-list")
+    if vqa is not None:
+        absent = [flag for flag, value in (("--questions", vqa.questions), ("--annotations", vqa.annotations),
+                                           ("--images", vqa.images)) if value is None]
+        if absent:
+            raise Blip2Error(f"the vqa dataset also needs {' and '.join(absent)}")
+        if url_list is not None:
+            raise Blip2Error("the vqa dataset reads --questions/--annotations/--images, not --url-list")
     if distributor not in DISTRIBUTORS:
         raise Blip2Error(f"unknown distributor {distributor!r}; choose one of {', '.join(DISTRIBUTORS)}")
     if distributor != "multiprocessing" and importlib.util.find_spec(distributor) is None:
@@ -319,14 +371,17 @@ def download_pretrain(
         if value < 1:
             raise Blip2Error(f"{name} must be at least 1, got {value}")
 
-    urls = validate_url_list(dataset, url_list, url_col, caption_col)
     out = Path(out_dir).expanduser().resolve()
     check_writable(out)
     skipped = len(_done_shards(out))
 
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="blip2-download-") as tmp:
-        if dataset == "custom":
+        if vqa is not None:
+            url_list = Path(tmp) / "vqa_url_list.parquet"
+            write_vqa_url_list(vqa, url_list)
+        urls = validate_url_list(dataset, url_list, url_col, caption_col)
+        if dataset in ("custom", "vqa"):
             urls = localize_urls(urls, Path(tmp))
         kwargs = dict(
             url_list=str(urls.path),

@@ -2,7 +2,10 @@
 
 Shards are what ``blip2 download`` / img2dataset and ``blip2 capfilt`` write: tar files whose members
 are ``{key}.jpg`` (or png/webp), ``{key}.txt`` (the web caption) and ``{key}.json`` (metadata; CapFilt
-adds ``"captions"``, a list ranked best first).
+adds ``"captions"``, a list ranked best first). A *question-answer* sample (``blip2 download pretrain vqa``)
+has ``"question"`` and ``"answers"`` (a list: one is drawn per use, so frequent answers weigh more, as VQA
+training weighs them) in its json: batches carry its question in ``"question"`` (None for captions) and its
+answer in ``"text"``, and stage 2 trains the LLM on the answer alone, the question being its prompt.
 
 Training stream (``make_train_loader``)
 ---------------------------------------
@@ -73,8 +76,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import transforms as T
 
 from blip2cli.errors import Blip2Error
-from blip2cli.models.config import CLIP_MEAN, CLIP_STD
-from blip2cli.models.text import normalize_caption
+from blip2cli.models.preprocessing import CLIP_MEAN, CLIP_STD, ImagePreprocessing
+from blip2cli.models.text import normalize_caption, normalize_question
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 URL_PREFIXES = ("http://", "https://", "pipe:", "s3://", "gs://", "hf://")
@@ -122,20 +125,26 @@ def image_transform(
     hflip: bool = True,
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
+    preprocessing: ImagePreprocessing | None = None,
 ) -> T.Compose:
     """BLIP-2 preprocessing of a PIL RGB image into a normalised (3, S, S) float tensor.
 
     train: LAVIS ``blip2_image_train`` = RandomResizedCrop(S, scale, bicubic) + horizontal flip.
     eval:  LAVIS ``blip_image_eval`` = Resize((S, S), bicubic): a square resize, no crop.
+    ``preprocessing`` (the model's, see ``models/preprocessing.py``) replaces ``image_size``/``mean``/``std``
+    and sets the interpolation and, for eval, the resize mode (shortest edge + center crop).
     """
-    bicubic = T.InterpolationMode.BICUBIC
+    pre = preprocessing or ImagePreprocessing(size=image_size, mean=tuple(mean), std=tuple(std))
+    interpolation = T.InterpolationMode(pre.interpolation)
     if train:
-        steps: list[Any] = [T.RandomResizedCrop(image_size, scale=tuple(rrc_scale), interpolation=bicubic)]
+        steps: list[Any] = [T.RandomResizedCrop(pre.size, scale=tuple(rrc_scale), interpolation=interpolation)]
         if hflip:
             steps.append(T.RandomHorizontalFlip())
+    elif pre.resize == "square":
+        steps = [T.Resize((pre.size, pre.size), interpolation=interpolation)]
     else:
-        steps = [T.Resize((image_size, image_size), interpolation=bicubic)]
-    return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
+        steps = [T.Resize(pre.shortest_edge, interpolation=interpolation), T.CenterCrop(pre.size)]
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(pre.mean, pre.std)])
 
 
 # ----------------------------------------------------------------- shard lists
@@ -240,24 +249,57 @@ def _decode_text(value: bytes | None) -> str | None:
     return None if value is None else value.decode("utf-8", errors="replace")
 
 
+def choose_answer(meta: Any, rng: random.Random | None) -> tuple[str, str] | None:
+    """``(question, answer)`` of a question-answer sample, or None. The answer is drawn from ``answers``
+    with ``rng`` (repeated answers are drawn more often), the most frequent one when ``rng`` is None."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("question"), str) or not meta["question"].strip():
+        return None
+    answers = meta.get("answers")
+    if isinstance(answers, str):  # `blip2 download pretrain vqa` stores the list as a JSON string
+        try:
+            answers = json.loads(answers)
+        except ValueError:
+            answers = [answers]
+    answers = [a for a in (answers if isinstance(answers, list) else [meta.get("answer")]) if isinstance(a, str) and a.strip()]
+    if not answers:
+        return None
+    if rng is not None:
+        answer = rng.choice(answers)
+    else:
+        answer = max(answers, key=answers.count)  # most frequent, first seen on ties
+    return meta["question"], answer
+
+
 @dataclass
 class SampleDecoder:
-    """Raw webdataset sample -> ``(image tensor, caption)``, or None (counted) when unusable."""
+    """Raw webdataset sample -> ``(image tensor, text, question)`` (question None for captions), or None
+    (counted) when unusable."""
 
     transform: Any
     captions_top_k: int = 2
     max_words: int = 50
 
-    def caption(self, raw: dict[str, Any], rng: random.Random | None) -> str | None:
-        meta = None
-        if "json" in raw:
-            try:
-                meta = json.loads(raw["json"])
-            except ValueError:
-                meta = None  # a broken json only matters if there is no .txt either
+    def _meta(self, raw: dict[str, Any]) -> Any:
+        if "json" not in raw:
+            return None
+        try:
+            return json.loads(raw["json"])
+        except ValueError:
+            return None  # a broken json only matters if there is no .txt either
+
+    def text_and_question(self, raw: dict[str, Any], rng: random.Random | None) -> tuple[str | None, str | None]:
+        """A question-answer sample's (answer, question), else (caption, None); normalised as LAVIS does."""
+        meta = self._meta(raw)
+        qa = choose_answer(meta, rng)
+        if qa is not None:
+            question, answer = normalize_question(qa[0], self.max_words), normalize_caption(qa[1], self.max_words)
+            return (answer or None), question
         text = choose_caption(meta, _decode_text(raw.get("txt")), self.captions_top_k, rng)
         text = normalize_caption(text, self.max_words) if text else ""
-        return text or None
+        return (text or None), None
+
+    def caption(self, raw: dict[str, Any], rng: random.Random | None) -> str | None:
+        return self.text_and_question(raw, rng)[0]
 
     def image(self, raw: dict[str, Any]) -> Image.Image | str:
         """The decoded RGB image, or the skip reason."""
@@ -275,7 +317,7 @@ class SampleDecoder:
         return self.caption(raw, None) is not None and not isinstance(self.image(raw), str)
 
     def __call__(self, raw: dict[str, Any], rng: random.Random | None, counter: SkipCounter):
-        text = self.caption(raw, rng)
+        text, question = self.text_and_question(raw, rng)
         image = self.image(raw)
         if isinstance(image, str):
             counter.add(image)
@@ -284,14 +326,14 @@ class SampleDecoder:
             counter.add("no_caption")
             return None
         if rng is None:
-            return self.transform(image), text
+            return self.transform(image), text, question
         # torchvision draws crop/flip from the global torch RNG: seed it per sample, and restore it so
         # that with num_workers=0 the data pipeline does not perturb the model's RNG (dropout, ...).
         # Only the CPU generator: torch.manual_seed also queues lazy accelerator seeding, which records a
         # Python stack trace per call (~100 us against ~1 us, per sample).
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(rng.getrandbits(63))
-            return self.transform(image), text
+            return self.transform(image), text, question
 
 
 # ----------------------------------------------------------------- seeds
@@ -377,7 +419,7 @@ class _TrainStream(IterableDataset):
                 good_to_skip -= self.decoder.is_valid(sample)
         counter.take()  # counts of the replayed part were already reported by the original run
 
-        pixels, texts, keys, bad_in_row = [], [], [], 0
+        pixels, texts, questions, keys, bad_in_row = [], [], [], [], 0
         for i, sample in raw:
             out = self.decoder(sample, random.Random(derive_seed(seed, "sample", i)), counter)
             if out is None:
@@ -388,11 +430,12 @@ class _TrainStream(IterableDataset):
             bad_in_row = 0
             pixels.append(out[0])
             texts.append(out[1])
+            questions.append(out[2])
             keys.append(sample["__key__"])
             if len(pixels) == self.batch_size:
-                yield {"pixel_values": torch.stack(pixels), "text": texts, "key": keys,
+                yield {"pixel_values": torch.stack(pixels), "text": texts, "question": questions, "key": keys,
                        "skipped": counter.take(), "stream": logical, "cursor": i + 1}
-                pixels, texts, keys = [], [], []
+                pixels, texts, questions, keys = [], [], [], []
 
 
 class TrainLoader:
@@ -464,6 +507,7 @@ def make_train_loader(
     max_words: int = 50,
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
+    preprocessing: ImagePreprocessing | None = None,
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 0,
@@ -508,7 +552,8 @@ def make_train_loader(
         stream_seed, skip_raw = derive_seed(seed, "resume", skip_batches), None
     rotate = 0 if (reseed and skip_batches) else skip_batches % n_workers
 
-    decoder = SampleDecoder(image_transform(image_size, True, rrc_scale, hflip, mean, std), captions_top_k, max_words)
+    decoder = SampleDecoder(image_transform(image_size, True, rrc_scale, hflip, mean, std, preprocessing),
+                            captions_top_k, max_words)
     stream = _TrainStream(datasets, weights, decoder, micro_batch_size, rank, world_size, stream_seed,
                           shuffle_buffer, skip_batches=0 if (reseed or skip_raw) else skip_batches,
                           skip_raw=skip_raw, rotate=rotate)
@@ -528,7 +573,7 @@ class _EvalStream(IterableDataset):
         info = get_worker_info()
         urls = self.urls if info is None else self.urls[info.id::info.num_workers]
         counter = SkipCounter()
-        pixels, texts, keys = [], [], []
+        pixels, texts, questions, keys = [], [], [], []
         full = None  # a full batch is held back until the next good sample (or the end), so that the
         # skips counted after it (e.g. a trailing unreadable shard) still reach the main process
         for url in urls:
@@ -541,14 +586,16 @@ class _EvalStream(IterableDataset):
                     full = None
                 pixels.append(out[0])
                 texts.append(out[1])
+                questions.append(out[2])
                 keys.append(sample["__key__"])
                 if len(pixels) == self.batch_size:
-                    full = {"pixel_values": torch.stack(pixels), "text": texts, "key": keys}
-                    pixels, texts, keys = [], [], []
+                    full = {"pixel_values": torch.stack(pixels), "text": texts, "question": questions, "key": keys}
+                    pixels, texts, questions, keys = [], [], [], []
         if full is not None:
             yield {**full, "skipped": counter.take()}
         if pixels:  # the partial last batch
-            yield {"pixel_values": torch.stack(pixels), "text": texts, "key": keys, "skipped": counter.take()}
+            yield {"pixel_values": torch.stack(pixels), "text": texts, "question": questions, "key": keys,
+                   "skipped": counter.take()}
 
 
 def make_eval_loader(
@@ -560,6 +607,7 @@ def make_eval_loader(
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
     num_workers: int = 0,
+    preprocessing: ImagePreprocessing | None = None,
 ) -> DataLoader:
     """A finite pass over ``shards`` in order (shards in the given order, samples in tar order) with the
     eval transform; captions are the best CapFilt caption or the ``.txt``; the last batch may be
@@ -569,7 +617,8 @@ def make_eval_loader(
         urls = expand_shards(shards)
     else:
         urls = [u for spec in shards for u in expand_shards(spec)] if shards else expand_shards([])
-    decoder = SampleDecoder(image_transform(image_size, False, mean=mean, std=std), 1, max_words)
+    decoder = SampleDecoder(image_transform(image_size, False, mean=mean, std=std, preprocessing=preprocessing), 1,
+                            max_words)
     return DataLoader(_EvalStream(urls, decoder, batch_size), batch_size=None, num_workers=num_workers)
 
 

@@ -86,6 +86,10 @@ def print_report(result, console: Console | None = None) -> None:
                       highlight=False)
     console.print(f"scorer: {result.scorer}; plots: {result.out / 'losses.png'}, gallery: {result.out / 'gallery.png'}",
                   highlight=False)
+    if result.ask:
+        # The command the ask stage ran, with no prompt flags: the checkpoint remembers its prompts.
+        console.print(f"Try it: blip2 ask {result.ask['image']} \"what color is the shape?\" "
+                      f"--model {result.out / 'runs' / 'stage2' / 'final'}", highlight=False, soft_wrap=True)
 
 
 def type_majority_of(result) -> float:

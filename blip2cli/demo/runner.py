@@ -188,7 +188,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> DemoResult
     """Run every stage (see the module docstring) and return the timings, metrics and baselines."""
     from blip2cli.demo import report
     from blip2cli.demo.unimodal import Steps, pretrain_unimodal
-    from blip2cli.demo.world import VQA_PROMPT_TEMPLATE, write_world
+    from blip2cli.demo.world import write_world
     from blip2cli.inference import resolve_device
 
     console = console or Console(stderr=True)
@@ -256,7 +256,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> DemoResult
 
         with timed("eval"):
             result.metrics, result.scorer, predictions = _evaluate(runner, world, runs, out / "eval", status,
-                                                                   options.ablation, VQA_PROMPT_TEMPLATE)
+                                                                   options.ablation)
             result.baselines.update(result.metrics.pop("baselines", {}))  # the same scorer as the models'
 
         with timed("ask"):
@@ -284,7 +284,7 @@ class _Timer:
         return False
 
 
-def _evaluate(runner: Runner, world, runs: Path, eval_out: Path, status, ablation: bool, template: str):
+def _evaluate(runner: Runner, world, runs: Path, eval_out: Path, status, ablation: bool):
     """Metrics per run (all from ``blip2 eval``), the scorer's name, and the main run's predictions."""
     stage2_runs = {"stage2": runs / "stage2" / "final"}
     if ablation:
@@ -300,8 +300,9 @@ def _evaluate(runner: Runner, world, runs: Path, eval_out: Path, status, ablatio
     for name, ckpt in stage2_runs.items():
         cap = run_eval(runner, f"eval_caption_{name}", "coco", ckpt, world.eval_dirs["coco"],
                        eval_out / f"caption_{name}", status)
+        # No prompt flags: the checkpoints remember the demo's prompts (recipes/demo_stage2.toml [eval]).
         vqa = run_eval(runner, f"eval_vqa_{name}", "vqav2", ckpt, world.eval_dirs["vqav2"],
-                       eval_out / f"vqa_{name}", status, extra=["--prompt", template])
+                       eval_out / f"vqa_{name}", status)
         metrics[name] = {**cap, **vqa}
     metrics["baselines"] = _scored_baselines(runner, world, eval_out, status)
     return metrics, "blip2 eval", _read_predictions(eval_out)
@@ -351,16 +352,17 @@ def _read_predictions(eval_out: Path) -> dict[str, dict]:
 
 
 def _ask(runner: Runner, world, checkpoint: Path, status) -> dict[str, Any]:
-    """``blip2 ask`` on the first held-out picture whose (colour, shape) pair was never seen in training."""
-    from blip2cli.demo.world import CAPTION_PROMPT, HELD_OUT_PAIRS, VQA_PROMPT_TEMPLATE, caption
+    """``blip2 ask`` on the first held-out picture whose (colour, shape) pair was never seen in training, with
+    no prompt flags: the checkpoint remembers the prompts it was trained with."""
+    from blip2cli.demo.world import HELD_OUT_PAIRS, caption
 
     index = next((i for i, s in enumerate(world.test) if s.pair in HELD_OUT_PAIRS), 0)
     scene = world.test[index]
     image = world.root / "images" / "test" / f"{index + 1:012d}.jpg"
     question = "what color is the shape?"
-    cap_log = runner.run("ask_caption", ["ask", str(image), "--model", str(checkpoint), "--device", runner.device,
-                                         "--prompt", CAPTION_PROMPT.strip()], status)
+    cap_log = runner.run("ask_caption", ["ask", str(image), "--model", str(checkpoint), "--device", runner.device],
+                         status)
     qa_log = runner.run("ask_question", ["ask", str(image), question, "--model", str(checkpoint),
-                                         "--device", runner.device, "--prompt-template", VQA_PROMPT_TEMPLATE], status)
+                                         "--device", runner.device], status)
     return {"image": str(image), "truth": caption(scene, 0), "caption": _last_line(cap_log),
             "question": question, "answer": _last_line(qa_log), "expected_answer": scene.color}

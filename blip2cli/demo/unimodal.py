@@ -132,7 +132,7 @@ def pretrain_vision(image_paths: Sequence[Path], out: Path, steps: int = 300, ba
         idx = torch.randint(len(images), (batch,), generator=gen)
         mask = torch.rand(batch, n_patches, generator=gen).argsort(dim=1) < n_patches // 2
         res = model(pixel_values=images[idx.to(device)], bool_masked_pos=mask.to(device), output_hidden_states=True)
-        # hidden_states[-2]: the penultimate layer, which BLIP-2 (and `hf:` encoders) hand to the Q-Former
+        # hidden_states[-2]: the penultimate layer, which BLIP-2 hands to the Q-Former (the demo recipes set it)
         patch_tokens = res.hidden_states[-2][:, 1:]
         position_loss = torch.nn.functional.cross_entropy(position_head(patch_tokens).flatten(0, 1), patch_index)
         loss = res.loss + position_weight * position_loss
@@ -155,6 +155,11 @@ def pretrain_vision(image_paths: Sequence[Path], out: Path, steps: int = 300, ba
     missing, unexpected = plain.load_state_dict(state, strict=False)
     assert not unexpected and all(k.startswith("pooler.") for k in missing), (missing, unexpected)
     plain.save_pretrained(out)
+    # Like any published encoder, it says how its images were prepared (what blip2 then uses for it).
+    from transformers import BlipImageProcessor
+
+    BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=list(CLIP_MEAN),
+                       image_std=list(CLIP_STD), resample=3).save_pretrained(out)
     return losses
 
 

@@ -11,6 +11,8 @@ from blip2cli.errors import Blip2Error
 from blip2cli.evaluation.runner import METRICS_JSON
 from blip2cli.evaluation.tasks import HEADLINE_METRICS, PAPER_MODELS, paper_model_key, paper_numbers, task_spec
 
+WARNING_MARK = "⚠"  # marks a value whose run's outputs look degenerate (``output_stats`` warnings)
+
 
 def load_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
     """The ``metrics.json`` of a run directory (or the file itself)."""
@@ -28,8 +30,16 @@ def load_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
     return metrics
 
 
+def output_warnings(metrics: dict[str, Any]) -> list[str]:
+    """The output sanity notes of a run (mostly empty or identical outputs, a biased answer), if any."""
+    stats = metrics.get("output_stats")
+    warnings = stats.get("warnings") if isinstance(stats, dict) else None
+    return [str(w) for w in warnings] if isinstance(warnings, list) else []
+
+
 def report_rows(run_dirs: list[str | os.PathLike]) -> list[dict[str, Any]]:
-    """One row per (run, headline metric): run, task, split, model, paper row, metric, value, paper, delta."""
+    """One row per (run, headline metric): run, task, split, model, paper row, metric, value, paper, delta,
+    num_items, warnings (the run's output sanity notes)."""
     rows = []
     for run_dir in run_dirs:
         metrics = load_metrics(run_dir)
@@ -45,7 +55,7 @@ def report_rows(run_dirs: list[str | os.PathLike]) -> list[dict[str, Any]]:
             delta = value - reference if isinstance(value, (int, float)) and reference is not None else None
             rows.append({"run": str(run_dir), "task": spec.name, "split": metrics.get("split", ""), "model": model,
                          "paper_model": paper_row, "metric": name, "value": value, "paper": reference, "delta": delta,
-                         "num_items": metrics.get("num_items")})
+                         "num_items": metrics.get("num_items"), "warnings": output_warnings(metrics)})
     return rows
 
 
@@ -56,15 +66,22 @@ def report_table(run_dirs: list[str | os.PathLike]):
     table = Table(title="blip2 eval: runs vs the paper")
     for column in ("run", "task", "split", "items", "model (paper row)", "metric", "value", "paper", "Δ"):
         table.add_column(column, justify="right" if column in ("items", "value", "paper", "Δ") else "left")
+    flagged = False
     for row in report_rows(run_dirs):
         model = Path(row["model"]).name if row["model"] else ""
         if row["paper_model"]:
             model += f" ({row['paper_model']})"
+        value = "skipped" if row["value"] is None else _fmt(row["value"])
+        if row["warnings"]:
+            value = f"{WARNING_MARK} {value}"
+            flagged = True
         table.add_row(
             Path(row["run"]).name, row["task"], row["split"], _fmt(row["num_items"], 0), model, row["metric"],
-            "skipped" if row["value"] is None else _fmt(row["value"]),
-            _fmt(row["paper"]), _fmt(row["delta"], signed=True),
+            value, _fmt(row["paper"]), _fmt(row["delta"], signed=True),
         )
+    if flagged:
+        table.caption = (f"{WARNING_MARK}: suspicious outputs (many empty or identical ones, or one over-predicted answer); "
+                         f"see the notes in the run's {METRICS_JSON}")
     return table
 
 

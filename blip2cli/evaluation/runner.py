@@ -30,7 +30,8 @@ import torch
 from blip2cli.errors import Blip2Error
 from blip2cli.evaluation import metrics as M
 from blip2cli.evaluation.datasets import EvalData, EvalItem
-from blip2cli.evaluation.tasks import EvalSettings, default_settings, task_spec
+from blip2cli.evaluation.tasks import EvalSettings, default_settings, resolve_settings, task_spec
+from blip2cli.models.llm import stop_token_ids
 
 PREDICTIONS_JSONL = "predictions.jsonl"
 PREDICTIONS_JSON = "predictions.json"
@@ -269,6 +270,10 @@ def _generate_outputs(
     device = parts.device
     encoder_decoder = bool(model.is_encoder_decoder)
     kwargs = _generation_kwargs(settings)
+    # Stop where the checkpoint's training texts ended (as `blip2 ask` does).
+    stop = stop_token_ids(model.language_model, tokenizer, (getattr(model.config, "usage", None) or {}).get("end_token"))
+    if stop:
+        kwargs["eos_token_id"] = stop
     new: dict[str, str] = {}
     with _progress(show_progress) as progress:
         bar = progress.add_task(f"{data.task} {data.split}", total=len(todo))
@@ -468,12 +473,81 @@ def _run_retrieval(parts, data, settings, store, batch_size, itm_batch_size, num
 
 
 # ============================================================================ scoring
+# Output sanity checks (``score_outputs`` -> ``metrics["output_stats"]`` and one-line notes): a note when
+# more than this fraction of the outputs is empty, when more than this fraction of the captions is one
+# identical caption, or when one answer is more than this fraction of the answers and more than
+# ``ANSWER_BIAS_RATIO`` times its share among the ground-truth (majority) answers.
+DEGENERATE_OUTPUT_FRACTION = 0.2
+ANSWER_BIAS_RATIO = 1.5
+
+
+def _majority_answer(answers: Sequence[str]) -> str:
+    """The most frequent normalised human answer of a VQA question (like ``multiple_choice_answer``)."""
+    from collections import Counter
+
+    counts = Counter(M.normalize_vqa_answer(a) for a in answers)
+    return counts.most_common(1)[0][0] if counts else ""
+
+
+def output_stats(data: EvalData, outputs: dict[str, str], answers: dict[str, str] | None = None) -> dict[str, Any]:
+    """Statistics of generated ``outputs`` (key -> raw text) and the warnings they call for.
+
+    ``answers``: the VQA/GQA answers as scored (e.g. lemmatised), compared after VQA normalisation;
+    captions are compared lowercased with single spaces. Returns ``num_outputs``, ``num_empty``,
+    ``empty_fraction`` (empty after strip), ``top_output`` / ``top_fraction`` (the most common output),
+    for answers with ground truth ``top_truth_fraction`` (that answer's share among the questions' majority
+    answers), and ``warnings`` (one-line notes). The leaf names differ from every metric name, so the stats
+    never shadow a metric in a flattened ``metrics.json``.
+    """
+    from collections import Counter
+
+    is_answer = data.kind in ("vqa", "gqa")
+    noun = "answers" if is_answer else "captions"
+    n = len(outputs)
+    empty = sum(1 for text in outputs.values() if not str(text).strip())
+    if is_answer:
+        compared = {k: M.normalize_vqa_answer(str((answers or outputs)[k])) for k in outputs}
+    else:
+        compared = {k: " ".join(str(v).lower().split()) for k, v in outputs.items()}
+    top, top_count = Counter(compared.values()).most_common(1)[0] if n else ("", 0)
+    stats: dict[str, Any] = {
+        "num_outputs": n, "num_empty": empty, "empty_fraction": round(empty / n, 4) if n else 0.0,
+        "top_output": top, "top_fraction": round(top_count / n, 4) if n else 0.0,
+    }
+    warnings: list[str] = []
+    if n and empty / n > DEGENERATE_OUTPUT_FRACTION:
+        warnings.append(f"{empty} of {n} {noun} ({empty / n:.0%}) are empty: the model may not have been "
+                        "trained with this prompt template, or stops at once")
+    # an empty top output is the empty note's business; one output alone is no repetition
+    repeated = bool(top) and top_count >= 2
+    if not is_answer:
+        if repeated and top_count / n > DEGENERATE_OUTPUT_FRACTION:
+            warnings.append(f"{json.dumps(top, ensure_ascii=False)} is {top_count / n:.0%} of the {noun}")
+    else:
+        if data.kind == "vqa":
+            truth = {k: _majority_answer(v.get("answers") or []) for k, v in data.vqa_truth.items() if k in compared}
+        else:
+            truth = {k: M.normalize_vqa_answer(str(v)) for k, v in data.gqa_truth.items() if k in compared}
+        if truth:
+            predicted = sum(1 for k in truth if compared[k] == top) / len(truth)
+            expected = sum(1 for v in truth.values() if v == top) / len(truth)
+            stats["top_truth_fraction"] = round(expected, 4)
+            if repeated and predicted > DEGENERATE_OUTPUT_FRACTION and predicted > ANSWER_BIAS_RATIO * expected:
+                warnings.append(f"{json.dumps(top, ensure_ascii=False)} is {predicted:.0%} of the {noun} "
+                                f"(ground truth: {expected:.0%})")
+    stats["warnings"] = warnings
+    return stats
+
+
 def score_outputs(data: EvalData, outputs: dict[str, str], settings: EvalSettings,
                   use_java: bool | None = None) -> tuple[dict[str, Any], Any]:
-    """Metrics and the official submission (predictions JSON) for generated outputs keyed by item key."""
+    """Metrics and the official submission (predictions JSON) for generated outputs keyed by item key.
+
+    The metrics carry ``output_stats`` (see ``output_stats``); its warnings are appended to ``notes``."""
     items = [it for it in data.items if it.key in outputs]
     notes: list[str] = []
     skipped: list[str] = []
+    answers: dict[str, str] | None = None  # VQA/GQA answers as scored
     if data.kind in ("vqa", "gqa"):
         answers = {it.key: outputs[it.key] for it in items}
         if settings.lemmatize:
@@ -510,6 +584,9 @@ def score_outputs(data: EvalData, outputs: dict[str, str], settings: EvalSetting
         raise ValueError(f"score_outputs does not handle {data.kind}")
     if not data.has_truth:
         notes.append("no ground truth for this split: predictions written for the evaluation server")
+    stats = output_stats(data, {it.key: outputs[it.key] for it in items}, answers)
+    metrics["output_stats"] = stats
+    notes.extend(stats["warnings"])
     metrics["skipped"] = sorted(set(skipped))
     if notes:
         metrics["notes"] = notes
@@ -588,7 +665,8 @@ def run_eval(
         need = "a stage-1 (Q-Former retrieval) checkpoint" if want_stage == 1 else "a stage-2 checkpoint with a language model"
         raise Blip2Error(f"{spec.name} needs {need}; {parts.name or 'this model'} is stage {parts.stage}")
     if settings is None:
-        settings = default_settings(spec.name, bool(getattr(parts.model, "is_encoder_decoder", False)))
+        settings, _ = resolve_settings(spec.name, getattr(parts.model, "config", None),
+                                       bool(getattr(parts.model, "is_encoder_decoder", False)))
     if batch_size < 1:
         raise Blip2Error("--batch-size must be at least 1")
     if spec.kind in ("vqa", "gqa") and settings.prompt.count("{}") != 1:

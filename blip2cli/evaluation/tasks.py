@@ -97,6 +97,40 @@ def default_settings(task: str, is_encoder_decoder: bool = False) -> EvalSetting
     return EvalSettings(prompt="", num_beams=0, max_new_tokens=0, min_new_tokens=0)
 
 
+def generation_kind(task: str) -> str | None:
+    """"vqa" or "caption": which of a checkpoint's stored usage applies to ``task`` (None for retrieval)."""
+    kind = task_spec(task).kind
+    return "caption" if kind == "caption" else "vqa" if kind in ("vqa", "gqa") else None
+
+
+def resolve_settings(
+    task: str, config: Any = None, is_encoder_decoder: bool = False, overrides: dict[str, Any] | None = None
+) -> tuple[EvalSettings, list[str]]:
+    """The settings ``task`` runs with: the protocol's defaults, then what the checkpoint was trained with
+    (``config.stored_generation``: its prompt and generation settings), then ``overrides`` (command-line
+    flags; None = not given). Returns one line per flag that replaces a value the checkpoint stored."""
+    settings = default_settings(task, is_encoder_decoder)
+    kind = generation_kind(task)
+    stored = config.stored_generation(kind) if (config is not None and kind) else {}
+    for key, value in stored.items():
+        if hasattr(settings, key):
+            setattr(settings, key, value)
+    notes = []
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key in stored and stored[key] != value:
+            notes.append(f"{FLAG_NAMES.get(key, key)} {value!r} replaces the checkpoint's {stored[key]!r}")
+        setattr(settings, key, value)
+    return settings, notes
+
+
+# Command-line flags of the settings, for messages.
+FLAG_NAMES = {"prompt": "--prompt", "num_beams": "--num-beams", "max_new_tokens": "--max-new-tokens",
+              "min_new_tokens": "--min-new-tokens", "length_penalty": "--length-penalty",
+              "repetition_penalty": "--repetition-penalty"}
+
+
 # ============================================================================ the paper's numbers
 # Rows of the paper's tables (spec (h)); keys are the metric names of metrics.json.
 PAPER_MODELS = {

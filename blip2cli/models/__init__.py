@@ -1,7 +1,22 @@
-"""BLIP-2 model code: nothing here imports training, data or CLI code."""
+"""BLIP-2 model code: nothing here imports training, data or CLI code.
 
-from blip2cli.models.config import Blip2ModelConfig
-from blip2cli.models.stage1 import Blip2Stage1Model, Stage1LossConfig
-from blip2cli.models.stage2 import Blip2Stage2Model
+The classes below are imported on first use, so that light modules of this package (``preprocessing``)
+can be imported without torch and transformers.
+"""
 
 __all__ = ["Blip2ModelConfig", "Blip2Stage1Model", "Blip2Stage2Model", "Stage1LossConfig"]
+
+_WHERE = {
+    "Blip2ModelConfig": "blip2cli.models.config",
+    "Blip2Stage1Model": "blip2cli.models.stage1",
+    "Stage1LossConfig": "blip2cli.models.stage1",
+    "Blip2Stage2Model": "blip2cli.models.stage2",
+}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

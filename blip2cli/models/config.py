@@ -8,6 +8,13 @@ Field names follow transformers' ``Blip2Config`` so that a model whose vision en
 - ``qformer``: keyword arguments of ``Blip2QFormerConfig``.
 - ``text``: the frozen LLM's transformers config as a dict (``model_type`` included), or ``None`` for a
   stage-1 model, which has no LLM.
+- ``image_*``: how images are prepared for the encoder (``preprocessing.ImagePreprocessing``): the values
+  the encoder was trained with unless a recipe chose others.
+- ``usage``: how the model was trained to be used, so that ``ask``, ``eval`` and in-loop evaluation use it
+  the same way unless told otherwise: ``vqa_prompt_template`` (``{}`` = the question), ``caption_prompt``
+  (text a caption continues), ``end_token`` (text that ended every training text: "\\n" for OPT, else the
+  EOS token), ``generation`` (``{"vqa" | "caption": {num_beams, max_new_tokens, ...}}``, the settings the
+  recipe chose for its in-loop evaluation). Absent keys mean the protocol defaults (spec (g)).
 """
 
 from __future__ import annotations
@@ -20,12 +27,14 @@ from typing import Any
 
 from transformers import AutoConfig, Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, PretrainedConfig
 
-# OpenAI CLIP normalisation, used by every BLIP-2 image processor (LAVIS ``blip_processors.py``).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from blip2cli.models.preprocessing import CLIP_MEAN, CLIP_STD  # noqa: F401  (re-exported)
 
 CONFIG_FILENAME = "blip2cli_config.json"
-FORMAT_VERSION = 1
+# 2: image_resize / image_resize_shortest / image_interpolation and ``usage`` (format 1 files still load).
+FORMAT_VERSION = 2
+
+# Keys of ``Blip2ModelConfig.usage``: how the model was trained to be used (see the class docstring).
+USAGE_KEYS = ("vqa_prompt_template", "caption_prompt", "end_token", "generation")
 
 
 @dataclass
@@ -39,7 +48,11 @@ class Blip2ModelConfig:
     image_size: int = 224
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
+    image_resize: str = "square"  # "square" (BLIP-2) | "shortest_edge" (+ center crop), see preprocessing.py
+    image_resize_shortest: int | None = None
+    image_interpolation: str = "bicubic"
     stage: int = 2
+    usage: dict[str, Any] = field(default_factory=dict)
     # Free-form provenance (where frozen parts came from, the recipe...). Never read by model code.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -66,6 +79,27 @@ class Blip2ModelConfig:
     def is_encoder_decoder(self) -> bool:
         return bool(self.text and self.text.get("is_encoder_decoder", False))
 
+    def stored_generation(self, kind: str) -> dict[str, Any]:
+        """What this model was trained to be used with for ``kind`` "vqa" or "caption": ``prompt`` (the VQA
+        template or the caption prompt) and the generation settings its recipe chose; absent keys were not
+        recorded (use the protocol's defaults)."""
+        if kind not in ("vqa", "caption"):
+            raise ValueError(f"kind must be 'vqa' or 'caption', got {kind!r}")
+        usage = self.usage or {}
+        stored: dict[str, Any] = {}
+        prompt = usage.get("vqa_prompt_template") if kind == "vqa" else usage.get("caption_prompt")
+        if prompt is not None:
+            stored["prompt"] = prompt
+        stored.update((usage.get("generation") or {}).get(kind, {}))
+        return stored
+
+    @property
+    def preprocessing(self):
+        """The image preprocessing this model expects (``preprocessing.ImagePreprocessing``)."""
+        from blip2cli.models.preprocessing import ImagePreprocessing
+
+        return ImagePreprocessing.from_config(self)
+
     @property
     def has_transformers_equivalent(self) -> bool:
         """True when transformers' Blip2 classes can hold every weight of this model losslessly."""
@@ -90,6 +124,9 @@ class Blip2ModelConfig:
         for key in ("image_mean", "image_std"):
             if key in data:
                 data[key] = tuple(data[key])
+        unknown_usage = sorted(set(data.get("usage") or {}) - set(USAGE_KEYS))
+        if unknown_usage:
+            raise ValueError(f"unknown usage keys in {CONFIG_FILENAME}: {', '.join(unknown_usage)}")
         return cls(**data)
 
     def save(self, directory: str | Path) -> None:

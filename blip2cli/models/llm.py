@@ -110,6 +110,22 @@ def end_token(model_or_config, tokenizer) -> str:
     return tokenizer.eos_token
 
 
+def stop_token_ids(language_model, tokenizer, end: str | None) -> list[int] | None:
+    """Token ids that end generation: the LLM's own EOS ids plus the token its stage-2 training texts ended
+    with (``end``, stored in the checkpoint). Without the latter, a model trained to end with its tokenizer's
+    EOS, where the LLM's generation config names another one (chat models), would never stop. None for
+    encoder-decoder LLMs (their EOS is their own)."""
+    if language_model.config.is_encoder_decoder:
+        return None
+    eos = language_model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if end:
+        encoded = tokenizer(end, add_special_tokens=False)["input_ids"]
+        if len(encoded) == 1:
+            ids.add(encoded[0])
+    return sorted(ids) or None
+
+
 def adjust_language_config(
     config: PreTrainedConfig,
     tokenizer=None,

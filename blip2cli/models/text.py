@@ -220,5 +220,7 @@ def decode_generated(tokenizer, ids: torch.Tensor | Sequence[Sequence[int]], sto
         ids = ids.tolist()
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
     if stop_at_newline:
-        texts = [t.split("\n", 1)[0] for t in texts]
+        # Leading whitespace first: an LLM whose text prior puts a line break after "Answer:" would
+        # otherwise give an empty answer for "\nyes".
+        texts = [t.lstrip().split("\n", 1)[0] for t in texts]
     return [t.strip() for t in texts]

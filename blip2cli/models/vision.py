@@ -73,6 +73,23 @@ def vision_hidden_size(vision_model: nn.Module) -> int:
     return vision_model.post_layernorm.normalized_shape[0]
 
 
+def vision_patch_size(vision_model: nn.Module) -> int | None:
+    """The encoder's square patch size in pixels, or None when it has none (a CNN)."""
+    if isinstance(vision_model, Blip2VisionModel):
+        patch = vision_model.config.patch_size
+    elif hasattr(vision_model, "patch_size"):
+        patch = vision_model.patch_size
+    else:
+        trunk = getattr(vision_model, "trunk", None)
+        patch = getattr(trunk, "patch_size", None)
+        if patch is None:
+            embed = getattr(getattr(trunk, "trunk", trunk), "patch_embed", None)  # open_clip timm towers
+            patch = getattr(embed, "patch_size", None)
+    if isinstance(patch, (tuple, list)):
+        patch = patch[0]
+    return int(patch) if patch else None
+
+
 def build_vision_model(spec: dict[str, Any]) -> nn.Module:
     """Build a randomly initialised encoder from its spec (weights are loaded afterwards)."""
     kind = spec["kind"]

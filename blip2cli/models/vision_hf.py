@@ -3,8 +3,13 @@
 CLIPVisionModel, SiglipVisionModel, Dinov2Model, ViTModel...: anything whose forward takes
 ``pixel_values`` and returns ``hidden_states`` of shape (B, tokens, hidden). A two-tower checkpoint
 (CLIPModel, SiglipModel) contributes its ``vision_model``. Features are ``hidden_states[feature_layer]``
-(default -2, the penultimate block as in BLIP-2; transformers records block outputs before any final
-norm), prefix tokens (CLS, registers) first when the model has them.
+(transformers records block outputs before any final norm), prefix tokens (CLS, registers) first when the
+model has them. ``feature_layer`` defaults by family (``default_feature_layer``): -2, the penultimate
+block, for CLIP towers, as BLIP-2 uses its CLIP ViT-L; -1, the last block, for every other model (DINOv2,
+SigLIP, ViT...), whose own users read the last block. A recipe sets it with ``model.vision_feature_layer``.
+
+Images are prepared as the model's own image processor says (``hf_preprocessing``: its
+``preprocessor_config.json``), see ``preprocessing.py``.
 
 Spec (JSON-able, stored in ``Blip2ModelConfig.vision``)::
 
@@ -25,15 +30,23 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from blip2cli.models.config import clean_config_dict
+from blip2cli.models.preprocessing import ImagePreprocessing, from_image_processor_dict
 
 LN_VISION_EPS = 1e-5  # LAVIS ln_vision is a default nn.LayerNorm
+# Model types whose penultimate block feeds the Q-Former by default (BLIP-2 uses CLIP ViT-L's penultimate block).
+PENULTIMATE_MODEL_TYPES = frozenset({"clip", "clip_vision_model"})
+
+
+def default_feature_layer(config) -> int:
+    """-2 (penultimate block) for CLIP towers, as BLIP-2; -1 (last block) for every other family."""
+    return -2 if getattr(config, "model_type", None) in PENULTIMATE_MODEL_TYPES else -1
 
 
 class HFVisionEncoder(nn.Module):
     def __init__(
         self,
         trunk: PreTrainedModel,
-        feature_layer: int = -2,
+        feature_layer: int | None = None,
         image_size: int | None = None,
         name_or_path: str | None = None,
     ):
@@ -45,6 +58,8 @@ class HFVisionEncoder(nn.Module):
             raise ValueError(
                 f"{type(trunk).__name__} is not a ViT-like model (needs integer hidden_size and num_hidden_layers)"
             )
+        if feature_layer is None:
+            feature_layer = default_feature_layer(config)
         if not -(layers + 1) <= feature_layer <= layers:
             raise ValueError(
                 f"feature_layer {feature_layer} out of range for {layers} layers (hidden_states has {layers + 1})"
@@ -62,6 +77,15 @@ class HFVisionEncoder(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.post_layernorm.normalized_shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.trunk.config.num_hidden_layers
+
+    @property
+    def patch_size(self) -> int | None:
+        patch = getattr(self.trunk.config, "patch_size", None)
+        return patch[0] if isinstance(patch, (tuple, list)) else patch
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -104,7 +128,7 @@ class HFVisionEncoder(nn.Module):
             if dtype is not None:
                 trunk.to(dtype)
 
-        encoder = cls(trunk, spec.get("feature_layer", -2), spec.get("image_size"), name_or_path)
+        encoder = cls(trunk, spec.get("feature_layer"), spec.get("image_size"), name_or_path)
         if spec.get("hidden_size") not in (None, encoder.hidden_size):
             raise ValueError(f"spec hidden_size {spec['hidden_size']} != model hidden size {encoder.hidden_size}")
         return encoder
@@ -130,3 +154,23 @@ def load_hf_vision_trunk(name_or_path: str, dtype: torch.dtype | None = None) ->
         model = vision
     return model
 
+
+
+def hf_preprocessing(name_or_path: str) -> ImagePreprocessing | None:
+    """The preprocessing in a transformers model's image-processor config, or None when it has none."""
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    try:
+        values, _ = ImageProcessingMixin.get_image_processor_dict(name_or_path)
+    except (OSError, ValueError) as err:
+        if Path(name_or_path).is_dir():
+            return None  # a local model directory without preprocessor_config.json
+        from blip2cli.models.vision_open_clip import short_error
+
+        raise RuntimeError(
+            f"could not fetch the image-processor config of hf model {name_or_path!r} ({short_error(err)}); "
+            "without network, pass a local directory instead: 'hf:/path/to/model'"
+        ) from err
+    if not values:
+        return None
+    return from_image_processor_dict(values, source=f"{name_or_path}'s image processor")

@@ -13,6 +13,10 @@ Names:
 
 A spec dict (``{"kind": "open_clip" | "hf" | "eva", ...}``) works too; an ``eva`` spec may name a local
 ``pretrained`` file and carry its own ``config``.
+
+``encoder_preprocessing(name)`` tells how images must be prepared for the named encoder (its own
+image-processor or pretrained config; the paper's values for EVA and CLIP ViT-L), and ``describe_encoder``
+which hidden layer feeds the Q-Former: both are printed when training starts.
 """
 
 from __future__ import annotations
@@ -25,22 +29,36 @@ from transformers import Blip2VisionConfig, Blip2VisionModel
 
 from blip2cli.models.config import clean_config_dict
 from blip2cli.models.eva_convert import convert_eva_state_dict, eva_vit_g_config
+from blip2cli.models.preprocessing import ImagePreprocessing, paper_preprocessing
 from blip2cli.models.vision import VISION_PRESETS
 
 EVA_OPEN_CLIP = ("EVA01-g-14", "laion400m_s11b_b41k")
 
 
 def load_vision_encoder(
-    name_or_spec: str | dict[str, Any], image_size: int = 224, dtype: torch.dtype | None = None
+    name_or_spec: str | dict[str, Any],
+    image_size: int = 224,
+    dtype: torch.dtype | None = None,
+    feature_layer: int | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A vision encoder with pretrained trunk weights, in eval mode, and the spec that rebuilds it.
 
     ``image_size`` applies to names and to specs that do not state one. ``dtype`` (e.g. bf16) casts the
-    trunk only; ``post_layernorm`` (BLIP-2's trainable ``ln_vision``) stays fp32. Without network access a
-    hub download fails with a one-line ``RuntimeError`` that says how to pass a local file instead.
+    trunk only; ``post_layernorm`` (BLIP-2's trainable ``ln_vision``) stays fp32. ``feature_layer``: the
+    hidden layer the Q-Former reads (None: the family's default, see ``describe_encoder``). Without network
+    access a hub download fails with a one-line ``RuntimeError`` that says how to pass a local file instead.
     """
     spec = _spec_from_name(name_or_spec, image_size) if isinstance(name_or_spec, str) else dict(name_or_spec)
     kind = spec.get("kind")
+    if feature_layer is not None:
+        if kind == "eva":
+            if feature_layer != -2:
+                raise ValueError(
+                    f"vision feature layer {feature_layer}: the EVA ViT-g encoder is built with 39 of its 40 blocks "
+                    "(the penultimate block, BLIP-2's); only -2 is possible"
+                )
+        else:
+            spec["feature_layer"] = feature_layer
     if kind == "eva":
         if spec.get("config"):
             config = Blip2VisionConfig(**{"image_size": image_size, **spec["config"]})
@@ -63,7 +81,69 @@ def load_vision_encoder(
     return model.eval(), spec
 
 
-def _spec_from_name(name: str, image_size: int) -> dict[str, Any]:
+def encoder_preprocessing(name_or_spec: str | dict[str, Any]) -> ImagePreprocessing:
+    """How images must be prepared for this encoder: its own preprocessing where it has one (``hf:``
+    models, open_clip tags), the paper's for EVA ViT-g and CLIP ViT-L (spec (d))."""
+    spec = _spec_from_name(name_or_spec, None) if isinstance(name_or_spec, str) else dict(name_or_spec)
+    kind = spec.get("kind")
+    preset = isinstance(name_or_spec, str) and (name_or_spec in VISION_PRESETS or name_or_spec.startswith("eva-vit-g"))
+    if kind == "eva" or preset:
+        size = (spec.get("config") or {}).get("image_size") or 224
+        return paper_preprocessing(size)
+    if kind == "open_clip":
+        import open_clip
+
+        from blip2cli.models.vision_open_clip import open_clip_preprocessing
+
+        config = spec.get("model_config") or open_clip.get_model_config(spec["model_name"]) or {}
+        size = (config.get("vision_cfg") or {}).get("image_size", 224)
+        return open_clip_preprocessing(spec, int(size[0] if isinstance(size, (list, tuple)) else size))
+    if kind == "hf":
+        from blip2cli.models.vision_hf import hf_preprocessing
+
+        found = hf_preprocessing(spec["name_or_path"])
+        if found is None:
+            native = _hf_native_size(spec["name_or_path"])
+            return ImagePreprocessing(
+                size=native or 224,
+                source=f"BLIP-2's (paper; {spec['name_or_path']} has no preprocessor_config.json)",
+            )
+        return found
+    raise ValueError(f"unknown vision encoder kind {kind!r}; expected one of eva, open_clip, hf")
+
+
+def _hf_native_size(name_or_path: str) -> int | None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    config = getattr(config, "vision_config", None) or config
+    size = getattr(config, "image_size", None)
+    return int(size[0] if isinstance(size, (list, tuple)) else size) if size else None
+
+
+def describe_encoder(model: nn.Module, spec: dict[str, Any]) -> str:
+    """One line: which of the encoder's hidden layers feeds the Q-Former, and why."""
+    kind = spec.get("kind")
+    if kind == "eva":
+        layers = spec.get("config", {}).get("num_hidden_layers", "?")
+        return (f"image encoder: EVA-style ViT ({layers} blocks kept); the Q-Former reads the output of its last kept "
+                "block (for EVA ViT-g: the penultimate of 40, as the paper)")
+    layer = spec.get("feature_layer", -2)
+    if kind == "hf":
+        family = model.trunk.config.model_type
+        layers = model.num_layers
+        which = {-1: "the last block", -2: "the penultimate block"}.get(layer, f"hidden state {layer}")
+        from blip2cli.models.vision_hf import default_feature_layer
+
+        why = "the default for" if layer == default_feature_layer(model.trunk.config) else "set for"
+        return (f"image encoder: {family} ({layers} blocks); the Q-Former reads {which} (layer {layer}, {why} "
+                f"{family}; model.vision_feature_layer sets it)")
+    which = {-1: "the last block", -2: "the penultimate block, as the paper"}.get(layer, f"block {layer}")
+    return (f"image encoder: open_clip {spec.get('model_name')}; the Q-Former reads {which} (layer {layer}; "
+            "model.vision_feature_layer sets it)")
+
+
+def _spec_from_name(name: str, image_size: int | None) -> dict[str, Any]:
     if name == "eva-vit-g" or name.startswith("eva-vit-g:"):
         return {"kind": "eva", "pretrained": name.partition(":")[2] or None}
     if name in VISION_PRESETS:

@@ -1,8 +1,8 @@
 """An open_clip visual tower as BLIP-2's frozen image encoder (spec (d)).
 
-The tower is pruned to its penultimate block with no final norm and no projection
-(``prune_intermediate_layers(indices=[-2], prune_norm=True, prune_head=True)``), so every parameter
-it keeps is used. ``trunk_features`` returns all tokens of that block, class token first
+The tower is pruned to its penultimate block (or the spec's ``feature_layer``) with no final norm and no
+projection (``prune_intermediate_layers(indices=[-2], prune_norm=True, prune_head=True)``), so every
+parameter it keeps is used. ``trunk_features`` returns all tokens of that block, class token first
 (257 for ViT-L/14 at 224 px). Works for open_clip's own ``VisionTransformer`` (CLIP ViT-L/14) and for
 timm-based ViT towers (``EVA01-g-14``).
 
@@ -98,7 +98,8 @@ class OpenClipVisionEncoder(nn.Module):
                 model = open_clip.create_model(name, pretrained=None, **kwargs)
         visual = model.visual
         del model  # text tower and logit scale
-        prune_to_penultimate(visual)
+        feature_layer = int(spec.get("feature_layer", -2))
+        prune_to_layer(visual, feature_layer)
         if dtype is not None:
             visual.to(dtype)
 
@@ -112,6 +113,7 @@ class OpenClipVisionEncoder(nn.Module):
             "force_quick_gelu": quick_gelu,
             "hidden_size": _tower_width(visual),
             "image_size": image_size,
+            "feature_layer": feature_layer,
         }
         if model_config is not None:
             resolved["model_config"] = model_config
@@ -147,29 +149,53 @@ def resolve_quick_gelu(name: str, pretrained: str | None, model_config: dict, fo
     return tag_quick
 
 
-def prune_to_penultimate(visual: nn.Module) -> None:
-    """Drop the last block, the final norm and the head/projection of an open_clip visual tower, in place."""
+def prune_to_layer(visual: nn.Module, feature_layer: int = -2) -> None:
+    """Keep the blocks up to ``feature_layer`` (-2: the penultimate, BLIP-2's; -1: all of them) and drop the
+    final norm and the head/projection of an open_clip visual tower, in place."""
     from open_clip.timm_model import TimmModel
     from open_clip.transformer import VisionTransformer
 
     if isinstance(visual, VisionTransformer):
         blocks = len(visual.transformer.resblocks)
-        visual.prune_intermediate_layers(indices=[-2], prune_norm=True, prune_head=True)
-        if len(visual.transformer.resblocks) != blocks - 1 or not isinstance(visual.ln_post, nn.Identity):
-            raise RuntimeError("open_clip prune_intermediate_layers did not drop the last block and ln_post")
+        keep = _kept_blocks(blocks, feature_layer)
+        visual.prune_intermediate_layers(indices=[keep - 1], prune_norm=True, prune_head=True)
+        if len(visual.transformer.resblocks) != keep or not isinstance(visual.ln_post, nn.Identity):
+            raise RuntimeError("open_clip prune_intermediate_layers did not drop the later blocks and ln_post")
         visual.attn_pool = visual.attn_pool_contrastive = None  # CoCa-style poolers, unused
     elif isinstance(visual, TimmModel) and all(hasattr(visual.trunk, a) for a in ("blocks", "num_prefix_tokens")):
         # timm ViT-like trunks (Eva, VisionTransformer); open_clip's wrapper has no prune method of its own
         blocks = len(visual.trunk.blocks)
-        visual.trunk.prune_intermediate_layers(indices=[-2], prune_norm=True, prune_head=True)
+        keep = _kept_blocks(blocks, feature_layer)
+        visual.trunk.prune_intermediate_layers(indices=[keep - 1], prune_norm=True, prune_head=True)
         visual.head = nn.Identity()  # open_clip's projection after the timm trunk
-        if len(visual.trunk.blocks) != blocks - 1 or not isinstance(visual.trunk.norm, nn.Identity):
-            raise RuntimeError("timm prune_intermediate_layers did not drop the last block and the final norm")
+        if len(visual.trunk.blocks) != keep or not isinstance(visual.trunk.norm, nn.Identity):
+            raise RuntimeError("timm prune_intermediate_layers did not drop the later blocks and the final norm")
     else:
         raise ValueError(
-            f"{type(visual).__name__} towers are not supported: BLIP-2 needs a ViT's penultimate-block tokens "
+            f"{type(visual).__name__} towers are not supported: BLIP-2 needs a ViT's block tokens "
             "(open_clip VisionTransformer or a timm ViT/EVA tower)"
         )
+
+
+def _kept_blocks(blocks: int, feature_layer: int) -> int:
+    """Blocks to keep so that the last kept one is ``feature_layer`` (-1 = last, -2 = penultimate, k >= 1 = the
+    k-th block)."""
+    keep = blocks + 1 + feature_layer if feature_layer < 0 else feature_layer
+    if not 1 <= keep <= blocks:
+        raise ValueError(f"feature layer {feature_layer} is out of range for a tower of {blocks} blocks")
+    return keep
+
+
+def open_clip_preprocessing(spec: dict[str, Any], size: int):
+    """The preprocessing of an open_clip tower's pretrained tag (OpenAI CLIP's values for local weights)."""
+    import open_clip
+
+    from blip2cli.models.preprocessing import from_open_clip_config
+
+    pretrained = spec.get("pretrained")
+    tag = open_clip.get_pretrained_cfg(spec["model_name"], pretrained) if pretrained and not os.path.isfile(pretrained) else {}
+    source = f"open_clip {spec['model_name']}:{pretrained}'s" if tag else f"open_clip {spec['model_name']}'s default"
+    return from_open_clip_config(tag or {}, size, source)
 
 
 class _quiet_random_init(logging.Filter):

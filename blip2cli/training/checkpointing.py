@@ -6,6 +6,8 @@ A run directory looks like::
       recipe.toml             the resolved recipe the run started with
       metrics.jsonl           one JSON record per logged step
       latest                  name of the newest complete checkpoint (replaced atomically)
+      base/                   the model as built, a complete checkpoint written when the run starts: with it,
+                              every step-N/ is a usable model (``blip2 ask/eval --model RUN/step-N``, ``--init-from``)
       step-00001000/          a training checkpoint
         trainable.safetensors   every trainable parameter (plus the ITC temperature / ITG head)
         optimizer.pt            AdamW state (tensors and numbers only: loaded with weights_only=True)
@@ -40,9 +42,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from blip2cli.checkpoint import LATEST_POINTER, STEP_STATE_FILENAME, STEP_WEIGHTS_FILENAME
 from blip2cli.errors import CheckpointError
 
-LATEST = "latest"
+LATEST = LATEST_POINTER
 STEP_PREFIX = "step-"
 
 
@@ -98,11 +101,11 @@ def save_training_checkpoint(
     final = run_dir / step_dir_name(step)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=run_dir))
     try:
-        save_file(weights if weights is not None else trainable_state(model), tmp / "trainable.safetensors")
+        save_file(weights if weights is not None else trainable_state(model), tmp / STEP_WEIGHTS_FILENAME)
         torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
         full_state = {**state, "step": step, "scaler": scaler.state_dict() if scaler is not None else None}
-        (tmp / "state.json").write_text(json.dumps(full_state, indent=2, sort_keys=True) + "\n")
+        (tmp / STEP_STATE_FILENAME).write_text(json.dumps(full_state, indent=2, sort_keys=True) + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -135,7 +138,7 @@ def find_checkpoint(run_dir: Path) -> Path | None:
     if not pointer.exists():
         return None
     candidate = run_dir / pointer.read_text().strip()
-    if not (candidate / "state.json").exists():
+    if not (candidate / STEP_STATE_FILENAME).exists():
         raise CheckpointError(f"{pointer} names {candidate.name}, which is missing or incomplete")
     return candidate
 
@@ -148,7 +151,7 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     if resume == "auto":
         return find_checkpoint(run_dir) if run_dir.exists() else None
     path = Path(resume)
-    if (path / "state.json").exists():
+    if (path / STEP_STATE_FILENAME).exists():
         return path
     if path.is_dir():
         found = find_checkpoint(path)
@@ -177,10 +180,10 @@ def load_training_checkpoint(
 
     sharded = is_sharded(model)
     try:
-        state = json.loads((path / "state.json").read_text())
+        state = json.loads((path / STEP_STATE_FILENAME).read_text())
         # Sharded: every rank reads the full tensors on the CPU and keeps its own shards of them.
         device = "cpu" if sharded else map_location
-        weights = load_file(path / "trainable.safetensors", device=str(device))
+        weights = load_file(path / STEP_WEIGHTS_FILENAME, device=str(device))
         optimizer_state = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
         rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
     except Exception as err:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from blip2cli.checkpoint import save_model
+from blip2cli.checkpoint import base_id_of, save_model, write_run_base
 from blip2cli.errors import Blip2Error
 from blip2cli.recipes import Recipe, recipe_to_toml
 from blip2cli.training.builders import BuiltModel, build_model
@@ -89,6 +89,8 @@ def train(
 
     corpus = read_captions(shards, limit=5000) if _needs_corpus(recipe) else []
     built = build_model(recipe, corpus)
+    for note in built.notes:
+        say(note, highlight=False, soft_wrap=True)
     fsdp = _use_fsdp(recipe, env, say)
     # FSDP moves each group to the device as it shards it: the whole model never has to fit on one GPU.
     model = built.model if fsdp else built.model.to(env.device)
@@ -102,12 +104,16 @@ def train(
     scaler = torch.amp.GradScaler(env.device.type) if amp_dtype is torch.float16 else None
     # Before sharding: a sharded model's parameters are each rank's shards only.
     manifest = {"frozen_sources": built.sources, "frozen_fingerprint": frozen_fingerprint(model)}
+    resume_from = resolve_resume(resume, run_dir)
+    if env.is_main and not dry_run:
+        # Before sharding and before any step: every step-N/ becomes a usable model on top of RUN/base.
+        manifest["base_id"] = write_run_base(run_dir, model, **_tokenizers(recipe, built),
+                                             keep_id=None if resume_from is None else base_id_of(resume_from))
     if fsdp:
         shard_model(model, env.device, env.world_size, amp_dtype)
     optimizer = build_optimizer(model, recipe.optim)  # after sharding: it holds the parameter shards
 
     start_step, rng_state = 0, None
-    resume_from = resolve_resume(resume, run_dir)
     if resume_from is not None:
         state = load_training_checkpoint(resume_from, model, optimizer, scaler, map_location=env.device,
                                          fingerprint=manifest["frozen_fingerprint"])
@@ -118,7 +124,8 @@ def train(
         if resume_from is None or not (run_dir / "recipe.toml").exists():
             (run_dir / "recipe.toml").write_text(recipe_to_toml(recipe))
 
-    loader = _train_loader(recipe, shards, env, skip_batches=start_step * accumulation)
+    loader = _train_loader(recipe, shards, env, skip_batches=start_step * accumulation,
+                           preprocessing=built.model.config.preprocessing)
     batches = iter(loader)
     trained = _wrap(model, recipe, env)
     batcher = TextBatcher(recipe, built)
@@ -235,14 +242,16 @@ def train(
     # FSDP: every rank helps gather the full weights into an unsharded copy on rank 0.
     to_save = unsharded_copy(model) if fsdp else model
     if env.is_main:
-        final = save_model(
-            to_save,
-            run_dir / "final",
-            tokenizer=built.llm_tokenizer if recipe.model.stage == 2 else built.qformer_tokenizer,
-            qformer_tokenizer=built.qformer_tokenizer if recipe.model.stage == 2 else None,
-        )
+        final = save_model(to_save, run_dir / "final", **_tokenizers(recipe, built))
         say(f"final checkpoint: {final}")
     return TrainResult(run_dir, final, step, history, counts)
+
+
+def _tokenizers(recipe: Recipe, built: BuiltModel) -> dict[str, Any]:
+    """``save_model``'s tokenizer arguments: the LLM's (and the Q-Former's aside) for stage 2, the Q-Former's for stage 1."""
+    if recipe.model.stage == 2:
+        return {"tokenizer": built.llm_tokenizer, "qformer_tokenizer": built.qformer_tokenizer}
+    return {"tokenizer": built.qformer_tokenizer, "qformer_tokenizer": None}
 
 
 def _needs_corpus(recipe: Recipe) -> bool:
@@ -306,7 +315,7 @@ def _wrap(model, recipe: Recipe, env: DistEnv):
     return wrapped
 
 
-def _train_loader(recipe: Recipe, shards: list[str], env: DistEnv, skip_batches: int):
+def _train_loader(recipe: Recipe, shards: list[str], env: DistEnv, skip_batches: int, preprocessing):
     from blip2cli.data.training import make_train_loader
 
     d = recipe.data
@@ -314,7 +323,8 @@ def _train_loader(recipe: Recipe, shards: list[str], env: DistEnv, skip_batches:
         shards,
         weights=d.weights or None,
         micro_batch_size=d.micro_batch_size,
-        image_size=recipe.model.image_size,
+        image_size=preprocessing.size,
+        preprocessing=preprocessing,
         rrc_scale=tuple(d.rrc_scale),
         hflip=d.hflip,
         captions_top_k=d.captions_top_k,
@@ -352,7 +362,14 @@ def _format_record(record: dict[str, Any], max_steps: int) -> str:
 
 
 class TextBatcher:
-    """Turns a data batch (images + caption strings) into the model's keyword arguments."""
+    """Turns a data batch (images + texts, and questions for question-answer samples) into the model's
+    keyword arguments.
+
+    Stage 2: a caption is the LLM's target after ``model.prompt``; a question-answer sample's target is its
+    answer after the model's VQA prompt (``usage["vqa_prompt_template"]``, e.g. "Question: {} Answer:"),
+    which is masked from the loss like any prompt: the LLM learns to answer, not to repeat questions, and
+    answers through the same template in ``ask`` and ``eval``. Stage 1 reads a question-answer sample as one
+    text, "question answer"."""
 
     def __init__(self, recipe: Recipe, built: BuiltModel):
         self.recipe = recipe
@@ -361,27 +378,46 @@ class TextBatcher:
             from blip2cli.models.llm import end_token
 
             self.end_token = end_token(built.model.language_model, built.llm_tokenizer)
+            self.template = built.model.config.stored_generation("vqa").get("prompt")
 
     def __call__(self, batch: dict[str, Any], step: int, device: torch.device) -> dict[str, torch.Tensor]:
         m, d = self.recipe.model, self.recipe.data
         pixel_values = batch["pixel_values"].to(device, non_blocking=True)
         texts = list(batch["text"])
+        questions = list(batch.get("question") or [None] * len(texts))
         if m.stage == 1:
+            texts = [t if q is None else f"{q} {t}" for t, q in zip(texts, questions)]
             tokens = self.built.qformer_tokenizer(
                 texts, padding="max_length", truncation=True, max_length=d.max_txt_len, return_tensors="pt"
             )
             return {"pixel_values": pixel_values, "input_ids": tokens["input_ids"].to(device),
                     "attention_mask": tokens["attention_mask"].to(device)}
-        from blip2cli.models.text import decoder_only_batch, encoder_decoder_batch
+        from blip2cli.models.text import decoder_only_batch, encoder_decoder_batch, prefix_lm_split
 
         tokenizer = self.built.llm_tokenizer
+        asked = any(q is not None for q in questions)
         if self.built.model.is_encoder_decoder:
             # The prefix-LM split point is drawn from a generator seeded by the step: resumable exactly.
             rng = random.Random(self.recipe.train.seed * 1_000_003 + step)
-            tokens = encoder_decoder_batch(tokenizer, texts, prompt=m.prompt or None, rng=rng, max_length=d.max_txt_len)
+            if not asked:
+                tokens = encoder_decoder_batch(tokenizer, texts, prompt=m.prompt or None, rng=rng,
+                                               max_length=d.max_txt_len)
+            else:  # per sample: the question's prompt, the recipe's prompt, or a prefix-LM split
+                pairs = [(self.template.format(q), t) if q is not None else (m.prompt, t) if m.prompt
+                         else prefix_lm_split(t, rng) for t, q in zip(texts, questions)]
+                tokens = encoder_decoder_batch(tokenizer, [t for _, t in pairs], prompt=[p for p, _ in pairs],
+                                               max_length=max(d.max_txt_len, *(len(tokenizer(p)["input_ids"]) for p, _ in pairs)),
+                                               max_target_length=d.max_txt_len)
             keys = ("input_ids", "attention_mask", "labels", "decoder_attention_mask")
         else:
-            tokens = decoder_only_batch(tokenizer, texts, prompt=m.prompt, max_length=d.max_txt_len,
+            max_length = d.max_txt_len
+            prompts: str | list[str] = m.prompt
+            if asked:
+                prompts = [self.template.format(q) + " " if q is not None else m.prompt for q in questions]
+                # data.max_txt_len bounds the answer, not the question in front of it (else a long question
+                # would cut the answer, the only labelled part, away)
+                max_length += max(len(tokenizer(p)["input_ids"]) for p in prompts)
+            tokens = decoder_only_batch(tokenizer, texts, prompt=prompts, max_length=max_length,
                                         end_token=self.end_token)
             keys = ("input_ids", "attention_mask", "labels")
         return {"pixel_values": pixel_values, **{k: tokens[k].to(device) for k in keys}}
@@ -423,7 +459,8 @@ class Validation:
         from blip2cli.data.training import make_eval_loader
 
         r = self.recipe
-        loader = make_eval_loader(r.data.val_shards, r.data.micro_batch_size, r.model.image_size)
+        pre = self.built.model.config.preprocessing
+        loader = make_eval_loader(r.data.val_shards, r.data.micro_batch_size, pre.size, preprocessing=pre)
         sums: dict[str, float] = {}
         samples = 0
         for index, batch in enumerate(loader):
@@ -442,9 +479,13 @@ class Validation:
     def _task_metrics(self, model) -> dict[str, Any]:
         from blip2cli.checkpoint import make_image_processor
         from blip2cli.evaluation.runner import evaluate
+        from blip2cli.evaluation.tasks import resolve_settings
 
         r = self.recipe
         tokenizer = self.built.llm_tokenizer if r.model.stage == 2 else self.built.qformer_tokenizer
+        # The same prompts and generation settings `blip2 eval` will use on the saved checkpoint.
+        settings, _ = resolve_settings(r.eval.task, model.config, bool(getattr(model, "is_encoder_decoder", False)))
         metrics = evaluate(r.eval.task, model, self._eval_data, limit=r.eval.limit or None, tokenizer=tokenizer,
-                           image_processor=make_image_processor(model.config), batch_size=r.data.micro_batch_size)
+                           image_processor=make_image_processor(model.config), batch_size=r.data.micro_batch_size,
+                           settings=settings)
         return {f"{r.eval.task}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
