@@ -102,9 +102,10 @@ class Blip2Assistant:
         """The caption prompt the checkpoint was trained with, else none."""
         return self.loaded.config.stored_generation("caption").get("prompt") or ""
 
-    def resolve(self, kind: str, flags: dict) -> tuple[str, GenerationOptions, list[str]]:
+    def resolve(self, kind: str, flags: dict, **fixed) -> tuple[str, GenerationOptions, list[str]]:
         """(prompt or template, options, notes) for ``kind`` "vqa" or "caption": ``flags`` (None = not given)
-        over what the checkpoint stored over ``ASK_DEFAULTS``; one note per flag that replaces a stored value."""
+        over what the checkpoint stored over ``ASK_DEFAULTS``; ``fixed`` options (sampling) are taken as they
+        are. One note per flag that replaces a stored value."""
         stored = self.loaded.config.stored_generation(kind)
         values = {**ASK_DEFAULTS[kind], "prompt": self.default_template if kind == "vqa" else self.default_caption_prompt}
         values.update({k: v for k, v in stored.items() if k in values})
@@ -113,12 +114,11 @@ class Blip2Assistant:
             if value is None:
                 continue
             if key in stored and stored[key] != value:
-                notes.append(f"{_FLAGS.get(key, key)} {value!r} replaces the checkpoint's {stored[key]!r}")
+                flag = "--prompt-template" if (key, kind) == ("prompt", "vqa") else _FLAGS.get(key, key)
+                notes.append(f"{flag} {value!r} replaces the checkpoint's {stored[key]!r}")
             values[key] = value
         prompt = values.pop("prompt")
-        extra = {k: v for k, v in values.items() if k not in GenerationOptions.__dataclass_fields__}
-        options = GenerationOptions(**{k: v for k, v in values.items() if k not in extra})
-        return prompt, options, notes
+        return prompt, GenerationOptions(**values, **fixed), notes
 
     def pixel_values(self, images: Sequence) -> torch.Tensor:
         batch = self.loaded.image_processor(images=list(images), return_tensors="pt")

@@ -211,7 +211,7 @@ def test_ask_and_eval_use_the_stored_template(stage2_run, tmp_path):
                     "--max-new-tokens", "4")
     assert plain.stdout == explicit.stdout and plain.stdout.strip()
     other = _ask(str(image), "what colour is it?", "--model", model, "--prompt-template", "Question: {} Answer:")
-    assert "--prompt 'Question: {} Answer:' replaces the checkpoint's 'q: {} a:'" in " ".join(other.output.split())
+    assert "--prompt-template 'Question: {} Answer:' replaces the checkpoint's 'q: {} a:'" in " ".join(other.output.split())
     caption = _ask(str(image), "--model", model)
     caption_explicit = _ask(str(image), "--model", model, "--prompt", "a picture of")
     assert caption.stdout == caption_explicit.stdout

@@ -246,6 +246,8 @@ def test_eva_position_embedding_interpolation():
         # Bicubic like transformers' own on-the-fly interpolation, so the two agree.
         expected = trunk_features(small, x, interpolate_pos_encoding=True)
         torch.testing.assert_close(trunk_features(big, x), expected, atol=1e-6, rtol=0)
+        # images of another size than the encoder's are interpolated without being asked (fine-tuning recipes)
+        assert torch.equal(trunk_features(small, x), expected)
     assert eva_vit_g_config(364).num_hidden_layers == 39 and eva_vit_g_config(364).image_size == 364
 
 
@@ -328,6 +330,8 @@ def test_hf_interpolates_positions_for_other_image_sizes(tmp_path):
     assert encoder.interpolate_pos_encoding and spec["image_size"] == 48
     with torch.no_grad():
         assert trunk_features(encoder, images(size=48)).shape == (2, 1 + 36, WIDTH)
+        native, _ = load_vision_encoder(f"hf:{tmp_path}", image_size=SIZE)  # built for its own size, fed 48 px
+        assert torch.equal(trunk_features(native, images(size=48)), trunk_features(encoder, images(size=48)))
 
 
 # --------------------------------------------------------------------------- shared behaviour

@@ -63,12 +63,10 @@ def ask(
 
     flags = dict(num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                  length_penalty=length_penalty)
+    fixed = dict(repetition_penalty=repetition_penalty, sample=sample, top_p=top_p, temperature=temperature)
     # Flags over what the checkpoint was trained with over ask's defaults; a flag that replaces a stored value says so.
-    template, vqa_options, vqa_notes = assistant.resolve("vqa", {**flags, "prompt": prompt_template})
-    caption_prompt, caption_options, caption_notes = assistant.resolve("caption", {**flags, "prompt": prompt})
-    for options in (vqa_options, caption_options):
-        options.repetition_penalty, options.sample, options.top_p, options.temperature = (
-            repetition_penalty, sample, top_p, temperature)
+    template, vqa_options, vqa_notes = assistant.resolve("vqa", {**flags, "prompt": prompt_template}, **fixed)
+    caption_prompt, caption_options, caption_notes = assistant.resolve("caption", {**flags, "prompt": prompt}, **fixed)
     for note in (vqa_notes if question or interactive else []) + (caption_notes if not question or interactive else []):
         stderr.print(f"[yellow]{note}[/yellow]", highlight=False)
 

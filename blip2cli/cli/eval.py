@@ -142,7 +142,11 @@ def _runs(root) -> Path:
 
 
 def _model_name(model_id: str) -> str:
-    return Path(str(model_id).rstrip("/")).name or "model"
+    """The output folder's model part: a checkpoint directory's name, with its run's for RUN/final and RUN/step-N."""
+    path = Path(str(model_id).rstrip("/"))
+    if path.name == "final" or path.name.startswith("step-"):
+        return f"{path.parent.name}-{path.name}"
+    return path.name or "model"
 
 
 def _device(name: str):

@@ -38,6 +38,8 @@ VISION_PRESETS: dict[str, dict[str, Any]] = {
 def trunk_features(vision_model: nn.Module, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False):
     """Token features of the (frozen) trunk, before ``ln_vision``."""
     if isinstance(vision_model, Blip2VisionModel):
+        # Another size than the position table's (fine-tuning at 364 px from 224) is interpolated, as LAVIS does.
+        interpolate_pos_encoding = interpolate_pos_encoding or pixel_values.shape[-1] != vision_model.config.image_size
         hidden = vision_model.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         return vision_model.encoder(inputs_embeds=hidden).last_hidden_state
     return vision_model.trunk_features(pixel_values)

@@ -68,10 +68,11 @@ class HFVisionEncoder(nn.Module):
         self.feature_layer = feature_layer
         self.name_or_path = name_or_path
         native = getattr(config, "image_size", None)
+        self.native_image_size = native
         self.image_size = image_size or native
         # Models with fixed position tables (CLIP, SigLIP, ViT) resize them on request; DINOv2 always does.
-        accepts = "interpolate_pos_encoding" in inspect.signature(trunk.forward).parameters
-        self.interpolate_pos_encoding = bool(native and self.image_size != native and accepts)
+        self._accepts_interpolation = "interpolate_pos_encoding" in inspect.signature(trunk.forward).parameters
+        self.interpolate_pos_encoding = bool(native and self.image_size != native and self._accepts_interpolation)
         self.post_layernorm = nn.LayerNorm(width, eps=LN_VISION_EPS)
 
     @property
@@ -100,7 +101,11 @@ class HFVisionEncoder(nn.Module):
         }
 
     def trunk_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        kwargs = {"interpolate_pos_encoding": True} if self.interpolate_pos_encoding else {}
+        # Images of another size than the position table's (a fine-tuning recipe's model.image_size) are
+        # interpolated too, whatever size the encoder was built for.
+        other_size = self.native_image_size and pixel_values.shape[-1] != self.native_image_size
+        interpolate = self.interpolate_pos_encoding or (other_size and self._accepts_interpolation)
+        kwargs = {"interpolate_pos_encoding": True} if interpolate else {}
         out = self.trunk(pixel_values=pixel_values, output_hidden_states=True, return_dict=True, **kwargs)
         hidden = out.hidden_states[self.feature_layer]
         if hidden.ndim != 3:
