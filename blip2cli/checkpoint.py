@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from blip2cli.durable import replace_directory
 from blip2cli.errors import CheckpointError, ModelNotFoundError
 from blip2cli.models.config import CONFIG_FILENAME, Blip2ModelConfig
 
@@ -193,8 +194,8 @@ def write_run_base(run_dir: Path, model, tokenizer=None, qformer_tokenizer=None,
     if keep_id is not None and _read_base_id(base) == keep_id:
         return keep_id
     base_id = uuid.uuid4().hex
-    save_model(model, base, tokenizer=tokenizer, qformer_tokenizer=qformer_tokenizer, transformers_format=False)
-    (base / RUN_BASE_ID_FILENAME).write_text(json.dumps({"id": base_id}) + "\n")
+    save_model(model, base, tokenizer=tokenizer, qformer_tokenizer=qformer_tokenizer, transformers_format=False,
+               extra_files={RUN_BASE_ID_FILENAME: json.dumps({"id": base_id}) + "\n"})
     return base_id
 
 
@@ -433,8 +434,10 @@ def save_model(
     qformer_tokenizer=None,
     require_transformers_format: bool = False,
     transformers_format: bool = True,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Write a checkpoint directory atomically (a temp directory renamed into place).
+    """Write a checkpoint directory atomically: a temporary directory, fsynced, swapped into place
+    (``durable.replace_directory``). ``extra_files``: more text files to put in it, {name: content}.
 
     Stage-2 models whose encoder transformers can hold get ``<image>`` tokens and ``num_query_tokens``
     in their processor, so transformers never silently ignores the image. ``transformers_format=False``
@@ -466,9 +469,9 @@ def save_model(
         processor.save_pretrained(tmp)
         if config.stage == 2 and as_transformers and tokenizer is not None:
             _save_blip2_processor(tmp, processor, tokenizer, config.num_query_tokens)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        replace_directory(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

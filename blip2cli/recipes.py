@@ -116,6 +116,7 @@ class DataSection:
     hflip: bool = _f(True, "Random horizontal flip of training images.")
     max_txt_len: int = _f(32, "Text tokens at most (captions, or questions for VQA); longer texts are truncated.")
     captions_top_k: int = _f(2, "A sample carrying CapFilt captions gets one of its top-k, chosen at random each step.")
+    max_image_pixels: int = _f(0, "Images with more pixels are skipped and counted as too_large, never decoded (image bombs); 0 = the default, 50 megapixels or $BLIP2_MAX_IMAGE_PIXELS.")
 
 
 @dataclass
@@ -129,6 +130,7 @@ class TrainSection:
     log_every: int = _f(50, "Steps between progress lines and metrics records.")
     save_every: int = _f(5000, "Steps between checkpoints (one is always written at the end); 0 = only at the end.")
     keep_last: int = _f(3, "Step checkpoints kept on disk; older ones are deleted after a successful save.")
+    allow_schedule_change: bool = _f(False, "Resume even if train.max_steps or an optim schedule key differs from the checkpoint's (the learning-rate curve then changes mid-run); also --allow-schedule-change.")
     eval_every: int = _f(0, "Steps between validation runs (held-out loss on data.val_shards, plus eval.task if set); 0 = off.")
     loggers: list[str] = _f([], "Metric loggers besides RUN_DIR/metrics.jsonl: tensorboard, wandb (each installed separately).")
     out_dir: str | None = _f(None, "Run directory; absent = runs/<recipe name> in the workspace.")
@@ -230,6 +232,7 @@ class Recipe:
         check(0 < d.rrc_scale[0] <= d.rrc_scale[1] <= 1, "data.rrc_scale", "must be [lo, hi] with 0 < lo <= hi <= 1")
         check(d.max_txt_len > 0, "data.max_txt_len", "must be positive")
         check(d.captions_top_k > 0, "data.captions_top_k", "must be positive")
+        check(d.max_image_pixels >= 0, "data.max_image_pixels", "must be >= 0 (0 = the default)")
 
         check(t.max_steps > 0, "train.max_steps", "must be positive")
         check(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")

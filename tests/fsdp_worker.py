@@ -3,13 +3,16 @@ one interpreter start-up per rank), each run's metrics records written by rank 0
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/fsdp_worker.py OUT SHARDS_JSON GROUP
 
-GROUP "opt": FSDP and DDP with a decoder-only LLM, FSDP interrupted and resumed (under FSDP and under DDP).
+GROUP "opt": FSDP and DDP with a decoder-only LLM, FSDP interrupted and resumed (under FSDP and under DDP),
+FSDP stopped by SIGTERM on one rank and rerun.
 GROUP "more": FSDP (with activation checkpointing) and DDP with an encoder-decoder LLM; both with bf16 autocast.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -18,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from blip2cli.recipes import load_recipe  # noqa: E402
 from blip2cli.training.distributed import init_distributed, shutdown  # noqa: E402
 from blip2cli.training.loop import train  # noqa: E402
+from blip2cli.training.run_control import TrainingStopped  # noqa: E402
 
 STEPS = 6
 BASE = ["train.log_every=1", "data.shuffle_buffer=16", "optim.warmup_steps=1", f"train.max_steps={STEPS}",
@@ -46,6 +50,17 @@ def main() -> None:
         run("fsdp_rest", "fsdp_resumed", "dist.strategy=fsdp", resume="auto")
         run("ddp_from_fsdp", "ddp_from_fsdp", "dist.strategy=ddp",
             resume=str(out / "fsdp_resumed" / "step-00000002"))
+        # SIGTERM reaches rank 1 only, during step 3: both ranks stop after step 3 (the save gathers the
+        # shards, a collective), each raising TrainingStopped; the rerun continues exactly.
+        def sigterm_rank1(step: int) -> None:
+            if step == 3 and env.rank == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        try:
+            run("fsdp_signal_first", "fsdp_signal", "dist.strategy=fsdp", on_step=sigterm_rank1)
+        except TrainingStopped as stop:
+            (out / f"stopped_rank{env.rank}.txt").write_text(f"{stop.exit_code} {stop}")
+        run("fsdp_signal_rest", "fsdp_signal", "dist.strategy=fsdp")
     elif group == "more":
         # An encoder-decoder LLM (T5 blocks, shared embeddings; FSDP with the Q-Former's activation
         # checkpointing, which changes no number), and bf16 autocast (FSDP gathers the Q-Former in bf16).

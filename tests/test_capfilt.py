@@ -220,7 +220,8 @@ def test_kill_mid_shard_leaves_no_partial_tar_and_rerun_skips_finished(tmp_path,
     rerun = FailingCaptioner(captioner, fail_at=-1)
     summary = run_capfilt(shards, out, s, captioner=rerun, ranker=ranker, progress=False)
     assert (summary.assigned, summary.skipped, summary.written) == (3, 1, 2)
-    assert summary.folder == {"shards": 3, "samples": 12, "written": 12, "corrupt": 0, "no_image": 0}
+    assert summary.folder == {"shards": 3, "samples": 12, "written": 12, "corrupt": 0, "no_image": 0,
+                              "too_large": 0}
     assert rerun.calls == 4  # only the two unfinished shards were captioned
     after = (out / "00000.tar").stat()
     assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)

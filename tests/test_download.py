@@ -3,6 +3,7 @@ against a loopback HTTP server on 127.0.0.1 (slow)."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import io
 import json
@@ -210,17 +211,27 @@ def _read_shards(out: Path) -> dict[str, str]:
     return got
 
 
+@contextlib.contextmanager
+def _serving(handler):
+    """A loopback HTTP server on a free port, in a thread; yields its base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
 @pytest.mark.slow
 def test_download_pretrain_custom_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     good = {f"img{i}.jpg": _jpeg((40 * i, 100, 200)) for i in range(4)}
     _Handler.images = good
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        base = f"http://127.0.0.1:{server.server_address[1]}"
+    with _serving(_Handler) as base:
         local_dir = tmp_path / "local"
         local_dir.mkdir()
         (local_dir / "rel.jpg").write_bytes(_jpeg((9, 9, 9)))
@@ -267,7 +278,51 @@ def test_download_pretrain_custom_end_to_end(tmp_path, monkeypatch):
         assert (summary.shards, summary.shards_skipped, summary.successes) == (3, 2, 6)
         assert _read_shards(out) == expected
         print(f"first run {first_seconds:.1f}s, resume {summary.seconds:.1f}s")
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+
+
+@pytest.mark.slow
+def test_interrupted_download_is_reported_and_a_rerun_completes_exactly(tmp_path, monkeypatch):
+    """img2dataset exits 0 when interrupted; blip2 reports the interruption (exit 130) and the same command
+    then finishes with every image exactly once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    images = {f"img{i}.jpg": _jpeg((20 * i, 100, 200)) for i in range(12)}
+
+    class Slow(_Handler):
+        def do_GET(self):  # noqa: N802
+            time.sleep(0.4)  # slow enough to interrupt mid-way
+            super().do_GET()
+
+    _Handler.images = images
+    with _serving(Slow) as base:
+        lst = tmp_path / "list.csv"
+        pd.DataFrame({"url": [f"{base}/{n}" for n in images], "caption": list(images)}).to_csv(lst, index=False)
+        out = tmp_path / "out"
+        cmd = [sys.executable, "-m", "blip2cli", "download", "pretrain", "custom", "--url-list", str(lst),
+               "--out", str(out), "--image-size", "32", "--threads", "1", "--shard-size", "2"]
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not list(out.glob("*_stats.json")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, err[-2000:]
+        assert "blip2: interrupted:" in err and "rerun the same command" in err
+        done = len(list(out.glob("*_stats.json")))
+        assert 1 <= done < 6
+
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        s = summarize(out)
+        assert (s.shards, s.count, s.successes, s.failed) == (6, 12, 12, 0)
+        keys = []
+        for tar_path in sorted(out.glob("*.tar")):
+            with tarfile.open(tar_path) as tar:
+                keys += [m.name for m in tar.getmembers() if m.name.endswith(".jpg")]
+        assert len(keys) == len(set(keys)) == 12

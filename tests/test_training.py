@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -145,19 +147,37 @@ def test_dry_run_and_batch_checks(shards, tmp_path):
         train(_recipe("tiny_stage1"), tmp_path / "y", shards, device="cpu", resume=str(tmp_path / "nowhere"))
 
 
-def test_two_process_ddp_stage1(shards, tmp_path):
-    """`--nproc-per-node 2` relaunches under torchrun: two gloo processes train one model."""
+def test_two_process_ddp_stage1_stops_on_sigusr1_and_resumes(shards, tmp_path):
+    """`--nproc-per-node 2` relaunches under torchrun: two gloo processes train one model. SIGUSR1 (SLURM's
+    warning before the time limit) sent to the launcher reaches every rank, which save and stop; the same
+    command then finishes the run."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp"
     cmd = [
         sys.executable, "-m", "blip2cli", "pretrain", "--stage", "1", "--recipe", "tiny_stage1",
-        "--out", str(tmp_path / "ddp"), "--device", "cpu", "--nproc-per-node", "2",
-        "train.max_steps=4", "optim.warmup_steps=1", "train.log_every=1", f"data.shards={json.dumps(shards)}",
-    ]
+        "--out", str(out), "--device", "cpu", "--nproc-per-node", "2",
+        "train.max_steps=40", "optim.warmup_steps=1", "train.log_every=1", "train.save_every=0",
+        f"data.shards={json.dumps(shards)}",
+    ]  # 40 steps: the signal must arrive while the run goes on
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signal.SIGUSR1, err[-3000:]
+    stops = [line for line in err.splitlines() if line.startswith("blip2: stopped: SIGUSR1 after step")]
+    assert len(stops) == 2 and any("saved " in line for line in stops), err[-3000:]  # one line per rank
+    step = int(stops[0].split("after step ")[1].split(":")[0])
+    assert (out / "latest").read_text().strip() == f"step-{step:08d}"
+
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
-    assert (tmp_path / "ddp" / "final" / "model.safetensors").exists()
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 41))
+    assert (out / "final" / "model.safetensors").exists()
 
 
 def test_plot_writes_curves_of_a_run(stage1_run, tmp_path):
@@ -262,6 +282,17 @@ def test_fsdp_resume_reproduces_uninterrupted_run(fsdp_runs):
     # The FSDP checkpoint resumes under DDP too (same files), into another run directory.
     assert _train_losses(runs["ddp_from_fsdp"]) == pytest.approx(straight[2:], abs=1e-6)
     assert (out / "ddp_from_fsdp" / "recipe.toml").exists()
+
+
+def test_fsdp_sigterm_on_one_rank_stops_every_rank_after_a_save(fsdp_runs):
+    out, runs = fsdp_runs
+    stops = {rank: (out / f"stopped_rank{rank}.txt").read_text() for rank in (0, 1)}
+    assert stops[0].startswith("143 SIGTERM after step 3: saved ") and "fsdp_signal/step-00000003" in stops[0]
+    assert stops[1].startswith("143 SIGTERM after step 3: rank 0 saved step 3")
+    records = [json.loads(line) for line in (out / "fsdp_signal" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert _train_losses(records) == pytest.approx(_train_losses(runs["fsdp"]), abs=1e-6)
+    assert _train_losses(runs["fsdp_signal_rest"]) == pytest.approx(_train_losses(records)[3:], abs=1e-6)
 
 
 def test_fsdp_final_checkpoint_is_a_full_model(fsdp_runs):

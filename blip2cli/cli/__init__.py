@@ -49,8 +49,8 @@ def main() -> None:
     try:
         app()
     except Blip2Error as err:
-        print(f"blip2: error: {err}", file=sys.stderr)
-        sys.exit(1)
+        print(f"blip2: {err.heading}: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
     except KeyboardInterrupt:
         print("blip2: interrupted", file=sys.stderr)
         sys.exit(130)

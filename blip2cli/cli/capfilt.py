@@ -52,6 +52,7 @@ def capfilt(
     rank: Optional[int] = typer.Option(None, "--rank", help="This process's rank (default: $RANK, else 0)."),
     world_size: Optional[int] = typer.Option(None, "--world-size", help="Number of processes (default: $WORLD_SIZE, else 1)."),
     keep_candidates: bool = typer.Option(False, "--keep-candidates", help="Also store every scored candidate in the json."),
+    max_image_pixels: Optional[int] = typer.Option(None, min=1, help="Skip (and count) images larger than this [default: 50 megapixels or $BLIP2_MAX_IMAGE_PIXELS]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo shards whose output already exists."),
 ) -> None:
     """CapFilt webdataset shards: BLIP captions + web caption, ranked by CLIP, top 2 into json["captions"]."""
@@ -72,6 +73,7 @@ def capfilt(
         captioner=captioner, clip_model=clip_model, clip_pretrained=clip_pretrained or None, prompt=prompt,
         num_captions=num_captions, top_k=top_k, top_p=top_p, min_length=min_length, max_length=max_length,
         batch_size=batch_size, seed=seed, keep_candidates=keep_candidates,
+        max_image_pixels=max_image_pixels,
     )
     out_dir = out if out is not None else capfilt_dir(dataset, root)
     s = run_capfilt(inputs, out_dir, settings, rank=rank, world_size=world_size, device=device, dtype=dtype,
@@ -86,12 +88,14 @@ def capfilt(
     table.add_row("[green]captioned[/green]", str(s.captioned))
     table.add_row("[red]corrupt images[/red]", str(s.corrupt))
     table.add_row("[red]no image[/red]", str(s.no_image))
+    table.add_row("[red]too large[/red]", str(s.too_large))
     table.add_row("images/s", f"{s.images_per_second:.1f}")
     table.add_row("seconds", f"{s.seconds:.1f}")
     f = s.folder
     if f:
         table.add_row("folder total (all runs, all ranks)",
-                      f"{f['shards']} shards, {f['written']} captioned, {f['corrupt']} corrupt, {f['no_image']} no image")
+                      f"{f['shards']} shards, {f['written']} captioned, {f['corrupt']} corrupt, {f['no_image']} no image, "
+                      f"{f['too_large']} too large")
     Console().print(table)
     if s.failed:
         raise Blip2Error(f"{len(s.failed)} input shard(s) could not be read (first: {s.failed[0]}); fix or remove them and rerun")

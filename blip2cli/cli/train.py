@@ -32,6 +32,7 @@ Examples:
   blip2 finetune retrieval --init-from blip2-data/runs/pretrain_stage1_vitg/final --nproc-per-node 8
 """
 
+SCHEDULE_HELP = "Resume although train.max_steps or the learning-rate schedule differs from the checkpoint's."
 LAUNCH_HELP = "Launch this many processes per node under torchrun (GPUs per node)."
 
 
@@ -45,7 +46,7 @@ def _launch_options(nproc_per_node, nnodes, node_rank, rdzv_endpoint) -> bool:
     raise typer.Exit(code)
 
 
-def _run(plan, resume: str, dry_run: bool, device: str) -> None:
+def _run(plan, resume: str, dry_run: bool, device: str, allow_schedule_change: bool) -> None:
     from blip2cli.training.distributed import process_group_ended
     from blip2cli.training.loop import train
 
@@ -53,7 +54,8 @@ def _run(plan, resume: str, dry_run: bool, device: str) -> None:
         stderr.print(f"[yellow]{note}[/yellow]")
     stderr.print(f"recipe {plan.recipe_name} -> {plan.run_dir} ({plan.shard_files} shard file(s))")
     with process_group_ended():  # a gloo rank leaving while rank 0 still saves aborts the job
-        train(plan.recipe, plan.run_dir, plan.shards, resume=resume, dry_run=dry_run, device=device, console=stderr)
+        train(plan.recipe, plan.run_dir, plan.shards, resume=resume, dry_run=dry_run, device=device, console=stderr,
+              allow_schedule_change=allow_schedule_change)
 
 
 @app.command(
@@ -70,6 +72,7 @@ def pretrain(
     out: Optional[Path] = typer.Option(None, help="Run directory [default: <workspace>/runs/<recipe>]."),
     root: Optional[str] = typer.Option(None, help="Workspace root [default: $BLIP2_HOME or ./blip2-data]."),
     resume: str = typer.Option("auto", help="auto (continue the run's latest checkpoint), never, or a checkpoint path."),
+    allow_schedule_change: bool = typer.Option(False, "--allow-schedule-change", help=SCHEDULE_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help="Resolve, build, count parameters, load one batch, exit."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     nproc_per_node: Optional[int] = typer.Option(None, help=LAUNCH_HELP),
@@ -83,7 +86,7 @@ def pretrain(
     from blip2cli.training.launch import plan_pretrain
 
     plan = plan_pretrain(stage, recipe, overrides or [], vision=vision, llm=llm, init_from=init_from, out=out, root=root)
-    _run(plan, resume, dry_run, device)
+    _run(plan, resume, dry_run, device, allow_schedule_change)
 
 
 @app.command(epilog=FINETUNE_EXAMPLES)
@@ -95,6 +98,7 @@ def finetune(
     out: Optional[Path] = typer.Option(None, help="Run directory [default: <workspace>/runs/<recipe>]."),
     root: Optional[str] = typer.Option(None, help="Workspace root."),
     resume: str = typer.Option("auto", help="auto, never, or a checkpoint path."),
+    allow_schedule_change: bool = typer.Option(False, "--allow-schedule-change", help=SCHEDULE_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help="Resolve, build, count parameters, load one batch, exit."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     nproc_per_node: Optional[int] = typer.Option(None, help=LAUNCH_HELP),
@@ -108,5 +112,5 @@ def finetune(
     from blip2cli.training.launch import plan_finetune
 
     plan = plan_finetune(task, recipe, overrides or [], init_from, out=out, root=root)
-    _run(plan, resume, dry_run, device)
+    _run(plan, resume, dry_run, device, allow_schedule_change)
 

@@ -19,7 +19,8 @@ every member unchanged except ``{key}.json``, which keeps its keys and gains:
 
 Identical candidates (after whitespace/case folding) are scored once, so the two kept captions differ.
 Samples whose image is missing or cannot be decoded are left out of the output and counted
-(``no_image``, ``corrupt``). Next to each output shard ``{name}_capfilt.json`` records the shard's
+(``no_image``, ``corrupt``: unreadable or truncated, ``too_large``: over the decompression-size guard
+of ``images.open_rgb``). Next to each output shard ``{name}_capfilt.json`` records the shard's
 counts and the settings used.
 
 Resuming and scaling out: each shard is written to ``{name}.part`` and renamed to ``{name}`` only when
@@ -81,6 +82,7 @@ class CapfiltSettings:
     batch_size: int = 16
     seed: int = 0
     keep_candidates: bool = False
+    max_image_pixels: int | None = None  # None: images.max_image_pixels() (50 megapixels)
 
     def check(self) -> None:
         for name in ("num_captions", "top_k", "batch_size", "max_length"):
@@ -304,27 +306,29 @@ class ShardStats:
     written: int = 0
     corrupt: int = 0
     no_image: int = 0
+    too_large: int = 0
     seconds: float = 0.0
 
 
-def _decode_image(members: list[tuple[tarfile.TarInfo, bytes]]):
-    """The RGB image of a sample, ``"no_image"`` or ``"corrupt"``."""
-    from PIL import Image
+def _decode_image(members: list[tuple[tarfile.TarInfo, bytes]], max_pixels: int | None = None):
+    """The RGB image of a sample, ``"no_image"``, ``"too_large"`` or ``"corrupt"``."""
+    from blip2cli.images import ImageTooLarge, open_rgb
 
     data = next((d for i, d in members if _ext(i) in IMAGE_EXTS), None)
     if data is None:
         return "no_image"
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.convert("RGB")
-    except Exception:  # OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        return open_rgb(io.BytesIO(data), max_pixels)
+    except ImageTooLarge:
+        return "too_large"
+    except Exception:  # OSError, SyntaxError, ValueError, ... (truncated files included)
         return "corrupt"
 
 
-def _decoded_samples(src: str | os.PathLike) -> Iterator[tuple[str, list, Any]]:
+def _decoded_samples(src: str | os.PathLike, max_pixels: int | None = None) -> Iterator[tuple[str, list, Any]]:
     """(key, members, RGB image or skip reason) for each sample of a shard."""
     for key, members in read_samples(src):
-        yield key, members, _decode_image(members)
+        yield key, members, _decode_image(members, max_pixels)
 
 
 def in_background(items: Iterator[Any], depth: int = 256) -> Iterator[Any]:
@@ -449,7 +453,7 @@ def process_shard(
 
     try:
         with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
-            with contextlib.closing(in_background(_decoded_samples(src), depth=4 * settings.batch_size)) as samples:
+            with contextlib.closing(in_background(_decoded_samples(src, settings.max_image_pixels), depth=4 * settings.batch_size)) as samples:
                 for key, members, image in samples:
                     stats.samples += 1
                     if isinstance(image, str):
@@ -501,6 +505,7 @@ class CapfiltSummary:
     captioned: int = 0
     corrupt: int = 0
     no_image: int = 0
+    too_large: int = 0
     seconds: float = 0.0
     failed: list[str] = field(default_factory=list)  # unreadable input shards
     folder: dict[str, int] = field(default_factory=dict)  # totals over every finished shard in out_dir
@@ -513,14 +518,14 @@ class CapfiltSummary:
 def summarize_folder(out_dir: Path) -> dict[str, int]:
     """Totals over the finished shards of an output folder (all ranks, all runs), from their
     ``_capfilt.json`` records."""
-    totals = {"shards": 0, "samples": 0, "written": 0, "corrupt": 0, "no_image": 0}
+    totals = {"shards": 0, "samples": 0, "written": 0, "corrupt": 0, "no_image": 0, "too_large": 0}
     for tar in sorted(Path(out_dir).glob("*.tar")):
         try:
             record = json.loads(tar.with_name(f"{tar.stem}_capfilt.json").read_text())
         except (OSError, ValueError):
             continue
         totals["shards"] += 1
-        for key in ("samples", "written", "corrupt", "no_image"):
+        for key in ("samples", "written", "corrupt", "no_image", "too_large"):
             totals[key] += int(record.get(key, 0))
     return totals
 
@@ -555,7 +560,14 @@ def run_capfilt(
     ``settings``; they are only built when some shard is left to do.
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
     from rich.text import Text
 
     from blip2cli.data.download import check_writable
@@ -617,6 +629,7 @@ def run_capfilt(
             summary.captioned += stats.written
             summary.corrupt += stats.corrupt
             summary.no_image += stats.no_image
+            summary.too_large += stats.too_large
             bars.advance(shard_bar, 1)
     summary.seconds = time.monotonic() - start
     summary.folder = summarize_folder(out)

@@ -8,7 +8,10 @@ Output layout (img2dataset's webdataset writer), in ``out_dir``::
 
 Resuming: img2dataset's ``incremental_mode="incremental"`` treats a shard as done when its
 ``NNNNN_stats.json`` exists (it is written last), so a rerun skips finished shards and rewrites only
-the ones interrupted mid-way. For the same reason nothing else ending in ``.json`` may be written in
+the ones interrupted mid-way. img2dataset exits 0 when interrupted (SIGINT), so completion is checked
+here: the url list's rows give the number of shards to expect, and fewer finished ones is reported as
+an interrupted download (non-zero exit) that a rerun completes. SIGTERM to blip2 is passed on to
+img2dataset as SIGINT, its clean stop. For the same reason nothing else ending in ``.json`` may be written in
 ``out_dir`` (img2dataset parses every ``*.json`` name there as a shard number).
 
 Local data (``custom``): plain paths in the url column are turned into ``file://`` URLs (relative
@@ -25,11 +28,13 @@ any img2dataset mode for other needs.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -413,20 +418,85 @@ def download_pretrain(
             text=True,
         )
         try:
-            _, err = proc.communicate(json.dumps(kwargs))
+            with _sigterm_as_interrupt():
+                _, err = proc.communicate(json.dumps(kwargs))
         except BaseException:
-            # Ctrl-C reaches the child too (same process group); img2dataset cleans its _tmp and
-            # exits. Finished shards (those with *_stats.json) stay and are skipped next time.
+            # Ctrl-C reaches the child too (same process group), SIGTERM is passed on as SIGINT here;
+            # img2dataset cleans its _tmp and exits. Finished shards (those with *_stats.json) stay
+            # and are skipped next time.
             try:
+                proc.send_signal(signal.SIGINT)
                 proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
+            except (subprocess.TimeoutExpired, ProcessLookupError):
                 proc.kill()
-            raise
+            done = len(_done_shards(out))
+            raise DownloadInterrupted(f"{done} shard(s) finished in {out}; rerun the same command to finish "
+                                      "(finished shards are kept and skipped)") from None
+        expected = expected_shards(urls, shard_size)
     if proc.returncode != 0:
         tail = (err or "").strip().splitlines()[-1:] if err else []
         detail = f": {tail[0]}" if tail else " (see its output above)"
         raise Blip2Error(f"img2dataset exited with status {proc.returncode}{detail}")
-    return summarize(out, time.monotonic() - start, skipped)
+    summary = summarize(out, time.monotonic() - start, skipped)
+    check_complete(summary, expected)
+    return summary
+
+
+class DownloadInterrupted(Blip2Error):
+    exit_code = 130
+    heading = "interrupted"
+
+
+def check_complete(summary: DownloadSummary, expected: int) -> None:
+    """Raise ``DownloadInterrupted`` unless every expected shard has finished (has its ``_stats.json``)."""
+    if summary.shards < expected:
+        raise DownloadInterrupted(
+            f"{summary.shards} of {expected} shards finished in {summary.out_dir} ({summary.successes} images so far); "
+            "rerun the same command to finish (finished shards are kept and skipped)"
+        )
+
+
+def expected_shards(urls: UrlList, shard_size: int) -> int:
+    """The shards img2dataset writes for ``urls``: each input file is cut into shards of ``shard_size`` rows."""
+    files = urls.files or [urls.path]
+    return sum(-(-count_rows(f, urls.input_format) // shard_size) for f in files)
+
+
+def count_rows(path: Path, input_format: str) -> int:
+    """Rows of one url-list file (parquet: from its metadata; text formats: parsed, as img2dataset does)."""
+    fmt = input_format.removesuffix(".gz")
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    if fmt in ("csv", "tsv"):
+        import pandas as pd
+
+        first = read_columns(path, input_format)[0]
+        return len(pd.read_csv(path, sep="," if fmt == "csv" else "\t", usecols=[first]))
+    opener = gzip.open if input_format.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        if fmt == "jsonl":
+            return sum(1 for line in f if line.strip())
+        return len(json.load(f))
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt while the child runs (main thread only), so the child is stopped
+    cleanly instead of orphaned."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _child_main() -> None:

@@ -76,13 +76,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import transforms as T
 
 from blip2cli.errors import Blip2Error
+from blip2cli.images import ImageTooLarge, open_rgb
 from blip2cli.models.preprocessing import CLIP_MEAN, CLIP_STD, ImagePreprocessing
 from blip2cli.models.text import normalize_caption, normalize_question
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 URL_PREFIXES = ("http://", "https://", "pipe:", "s3://", "gs://", "hf://")
 # Reasons a sample (or shard) is skipped; the keys of every "skipped" dict.
-SKIP_REASONS = ("bad_image", "no_image", "no_caption", "bad_shard")
+# bad_image: unreadable or truncated; too_large: over the decompression-size guard (``images.open_rgb``)
+SKIP_REASONS = ("bad_image", "too_large", "no_image", "no_caption", "bad_shard")
 # A stream that sees this many bad samples in a row raises instead of looping forever.
 MAX_CONSECUTIVE_SKIPS = 10_000
 
@@ -278,6 +280,7 @@ class SampleDecoder:
     transform: Any
     captions_top_k: int = 2
     max_words: int = 50
+    max_pixels: int | None = None  # None: images.max_image_pixels()
 
     def _meta(self, raw: dict[str, Any]) -> Any:
         if "json" not in raw:
@@ -307,9 +310,10 @@ class SampleDecoder:
         if data is None:
             return "no_image"
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                return img.convert("RGB")  # convert() forces the full decode: truncation fails here
-        except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+            return open_rgb(io.BytesIO(data), self.max_pixels)
+        except ImageTooLarge:
+            return "too_large"
+        except Exception:  # PIL raises OSError, SyntaxError, ValueError, ... (truncated files included)
             return "bad_image"
 
     def is_valid(self, raw: dict[str, Any]) -> bool:
@@ -468,7 +472,8 @@ class TrainLoader:
             # first use, shifting the model's random stream (ITM negatives) differently after a resume.
             loader = DataLoader(self._stream, batch_size=None, num_workers=w, persistent_workers=w > 0,
                                 prefetch_factor=2 if w else None, timeout=self._timeout if w else 0,
-                                generator=torch.Generator().manual_seed(self._stream.seed))
+                                generator=torch.Generator().manual_seed(self._stream.seed),
+                                worker_init_fn=_ignore_stop_signals if w else None)
             self._it = iter(loader)
         count = range(self.batches_per_epoch) if self.batches_per_epoch else itertools.count()
         for _ in count:
@@ -518,6 +523,7 @@ def make_train_loader(
     resume_state: dict | Sequence[dict] | None = None,
     reseed: bool = False,
     timeout: float = 0,
+    max_image_pixels: int | None = None,
 ) -> TrainLoader:
     """The infinite, resampled, per-rank training stream (see the module docstring).
 
@@ -526,7 +532,8 @@ def make_train_loader(
     (decodes the skipped images). ``resume_state``: a ``TrainLoader.state_dict()`` (or the list of every
     rank's), exact and decode-free; it overrides ``skip_batches``. ``reseed``: instead of replaying,
     start a fresh stream seeded with the resume position (O(1), not identical). ``timeout``: seconds a
-    worker may take for one batch before the DataLoader raises (0 = wait forever).
+    worker may take for one batch before the DataLoader raises (0 = wait forever). ``max_image_pixels``:
+    larger images are skipped and counted as ``too_large`` (None: ``images.max_image_pixels()``).
     """
     if not 0 <= rank < world_size:
         raise Blip2Error(f"rank {rank} is outside world size {world_size}")
@@ -553,7 +560,7 @@ def make_train_loader(
     rotate = 0 if (reseed and skip_batches) else skip_batches % n_workers
 
     decoder = SampleDecoder(image_transform(image_size, True, rrc_scale, hflip, mean, std, preprocessing),
-                            captions_top_k, max_words)
+                            captions_top_k, max_words, max_image_pixels)
     stream = _TrainStream(datasets, weights, decoder, micro_batch_size, rank, world_size, stream_seed,
                           shuffle_buffer, skip_batches=0 if (reseed or skip_raw) else skip_batches,
                           skip_raw=skip_raw, rotate=rotate)
@@ -562,6 +569,15 @@ def make_train_loader(
     cursors = list(skip_raw) if skip_raw else [0] * n_workers
     per_epoch = max(1, epoch_samples // micro_batch_size) if epoch_samples else None
     return TrainLoader(stream, num_workers, skip_batches, cursors, skipped, per_epoch, timeout)
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGUSR1 to the main process, which saves and stops the run (a scheduler that
+    signals the whole process group must not kill a worker mid-batch: the main process would fail)."""
+    import signal
+
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------- evaluation
@@ -608,6 +624,7 @@ def make_eval_loader(
     std: Sequence[float] = CLIP_STD,
     num_workers: int = 0,
     preprocessing: ImagePreprocessing | None = None,
+    max_image_pixels: int | None = None,
 ) -> DataLoader:
     """A finite pass over ``shards`` in order (shards in the given order, samples in tar order) with the
     eval transform; captions are the best CapFilt caption or the ``.txt``; the last batch may be
@@ -618,7 +635,7 @@ def make_eval_loader(
     else:
         urls = [u for spec in shards for u in expand_shards(spec)] if shards else expand_shards([])
     decoder = SampleDecoder(image_transform(image_size, False, mean=mean, std=std, preprocessing=preprocessing), 1,
-                            max_words)
+                            max_words, max_image_pixels)
     return DataLoader(_EvalStream(urls, decoder, batch_size), batch_size=None, num_workers=num_workers)
 
 

@@ -42,13 +42,28 @@ from transformers import (
 from blip2cli.checkpoint import load_model
 from blip2cli.errors import Blip2Error
 from blip2cli.models.config import Blip2ModelConfig, clean_config_dict
-from blip2cli.models.llm import adjust_language_config, end_token, freeze, language_model_spec, load_language_model
+from blip2cli.models.llm import (
+    adjust_language_config,
+    end_token,
+    freeze,
+    language_model_spec,
+    load_language_model,
+)
 from blip2cli.models.preprocessing import ImagePreprocessing, paper_preprocessing
 from blip2cli.models.qformer_text import ItgHead, init_qformer_from_bert
-from blip2cli.models.stage1 import Blip2Stage1Model, Stage1LossConfig, build_text_embeddings, transfer_to_stage2
+from blip2cli.models.stage1 import (
+    Blip2Stage1Model,
+    Stage1LossConfig,
+    build_text_embeddings,
+    transfer_to_stage2,
+)
 from blip2cli.models.stage2 import Blip2Stage2Model
 from blip2cli.recipes import Recipe
-from blip2cli.tokenizer_training import train_bert_tokenizer, train_opt_tokenizer, train_t5_tokenizer
+from blip2cli.tokenizer_training import (
+    train_bert_tokenizer,
+    train_opt_tokenizer,
+    train_t5_tokenizer,
+)
 from blip2cli.training.text_pretraining import pretrain_language_model
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -93,7 +108,11 @@ def _vision(recipe: Recipe) -> tuple[nn.Module, dict[str, Any], ImagePreprocessi
         config = Blip2VisionConfig(**TINY_VISION, image_size=pre.size)
         spec = {"kind": "eva", "config": clean_config_dict(config.to_dict())}
         return Blip2VisionModel(config).eval(), spec, pre, notes
-    from blip2cli.models.vision_loading import describe_encoder, encoder_preprocessing, load_vision_encoder
+    from blip2cli.models.vision_loading import (
+        describe_encoder,
+        encoder_preprocessing,
+        load_vision_encoder,
+    )
 
     dtype = PRECISIONS[m.vision_precision] if m.freeze_vision else torch.float32
     try:
@@ -319,7 +338,10 @@ def run_usage(recipe: Recipe, inherited: dict[str, Any], end: str | None, is_enc
     those of the checkpoint it fine-tunes (``inherited``), plus the end token its texts are trained with. The
     VQA template is always recorded (the protocol's when nothing else says): question-answer training samples
     are prompted with it."""
-    from blip2cli.evaluation.tasks import VQA_PROMPT_DECODER_ONLY, VQA_PROMPT_ENCODER_DECODER
+    from blip2cli.evaluation.tasks import (
+        VQA_PROMPT_DECODER_ONLY,
+        VQA_PROMPT_ENCODER_DECODER,
+    )
 
     m, e = recipe.model, recipe.eval
     usage = {k: (dict(v) if isinstance(v, dict) else v) for k, v in inherited.items()}

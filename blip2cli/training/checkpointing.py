@@ -23,15 +23,19 @@ Under ``dist.strategy = "fsdp"`` the files are the same: every rank helps gather
 and optimizer state onto rank 0, which writes them (``sharding.gather_training_state``), so a checkpoint
 resumes under either strategy.
 
-A checkpoint is written into a temporary directory and renamed into place, and ``latest`` is replaced
-only after that: a kill during a save leaves the previous checkpoint as the latest, never a torn one.
+Crash safety (``durable.py``): a checkpoint is written into a temporary directory, its files and the
+directory are fsynced, and it is swapped into place; ``latest`` is replaced atomically only after that, so
+a kill at any instant of a save leaves the previous checkpoint as the latest, never a torn one. ``latest``
+never names a directory being replaced: a step that ``latest`` already names is not written again (a run
+resumed at step N that stops before step N+1 has nothing new to save), and resuming an earlier step of a
+run points ``latest`` back at it before any later step directory is overwritten. Leftover temporary
+directories of a killed save are removed by the next save.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -42,7 +46,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from blip2cli.checkpoint import LATEST_POINTER, STEP_STATE_FILENAME, STEP_WEIGHTS_FILENAME
+from blip2cli.checkpoint import (
+    LATEST_POINTER,
+    STEP_STATE_FILENAME,
+    STEP_WEIGHTS_FILENAME,
+)
+from blip2cli.durable import replace_directory, write_text_atomically
 from blip2cli.errors import CheckpointError
 
 LATEST = LATEST_POINTER
@@ -99,6 +108,9 @@ def save_training_checkpoint(
     the caller gathered them already (a sharded model: ``sharding.gather_training_state``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / step_dir_name(step)
+    if latest_name(run_dir) == final.name and (final / STEP_STATE_FILENAME).exists():
+        return final  # resumed at this step and not trained since: the checkpoint is this state already
+    _remove_leftovers(run_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=run_dir))
     try:
         save_file(weights if weights is not None else trainable_state(model), tmp / STEP_WEIGHTS_FILENAME)
@@ -106,21 +118,32 @@ def save_training_checkpoint(
         torch.save(_rng_state(), tmp / "rng.pt")
         full_state = {**state, "step": step, "scaler": scaler.state_dict() if scaler is not None else None}
         (tmp / STEP_STATE_FILENAME).write_text(json.dumps(full_state, indent=2, sort_keys=True) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_directory(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_atomically(run_dir / LATEST, final.name + "\n")
+    point_latest_at(run_dir, final.name)
     _prune(run_dir, keep_last, keep=final.name)
     return final
 
 
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def latest_name(run_dir: Path) -> str | None:
+    try:
+        return (run_dir / LATEST).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def point_latest_at(run_dir: Path, name: str) -> None:
+    write_text_atomically(run_dir / LATEST, name + "\n")
+
+
+def _remove_leftovers(run_dir: Path) -> None:
+    """Temporary directories of saves that were killed (``.step-N.xxxx``); the run directory's lock keeps
+    other writers, whose temporary directories these could be, out."""
+    for leftover in run_dir.glob(f".{STEP_PREFIX}*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _prune(run_dir: Path, keep_last: int, keep: str) -> None:

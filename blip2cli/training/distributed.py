@@ -111,10 +111,14 @@ def relaunch_under_torchrun(
     """Run ``python -m blip2cli <argv without launcher flags>`` under torchrun and return its exit code.
 
     torchrun's own parser and launcher do the work (``torch.distributed.run``); nothing is scheduled here.
+    SIGTERM and SIGUSR1 (SLURM's ``--signal``) are forwarded to every rank, which saves and stops
+    (``run_control.StopSignals``); ranks get ``STOP_GRACE_S`` to do so before torchrun kills them.
     """
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.run import get_args_parser, run
 
-    args = [f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}", f"--node-rank={node_rank}"]
+    args = [f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}", f"--node-rank={node_rank}",
+            f"--signals-to-handle={FORWARDED_SIGNALS}", f"--shutdown-timeout={STOP_GRACE_S}"]
     if rdzv_endpoint:
         args += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
     else:
@@ -122,11 +126,18 @@ def relaunch_under_torchrun(
     args += ["-m", "blip2cli", *(argv if argv is not None else strip_launcher_flags(sys.argv[1:]))]
     try:
         run(get_args_parser().parse_args(args))
+    except SignalException as err:  # forwarded to the ranks, which said where they saved
+        print(f"blip2: stopped: {err.sigval.name} forwarded to every rank", file=sys.stderr)
+        return 128 + int(err.sigval)
     except Exception as err:  # torchrun raises ChildFailedError with the failing rank's details
         print(f"blip2: error: a training process failed: {str(err).strip().splitlines()[0]}", file=sys.stderr)
         return 1
     return 0
 
+
+# torchrun's default set plus SIGUSR1, the pre-emption warning of SLURM's --signal.
+FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+STOP_GRACE_S = 120  # seconds the ranks get to finish their step and save before torchrun sends SIGKILL
 
 LAUNCHER_FLAGS = {"--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-endpoint"}
 

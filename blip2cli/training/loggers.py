@@ -10,14 +10,21 @@ import json
 from pathlib import Path
 from typing import Any
 
+from blip2cli.durable import write_text_atomically
 from blip2cli.errors import Blip2Error
 
 
 class MetricsLogger:
-    """Appends each record (a flat dict with ``step``) to every configured sink. Main process only."""
+    """Appends each record (a flat dict with ``step``) to every configured sink. Main process only.
 
-    def __init__(self, run_dir: Path, loggers: list[str], run_name: str, config: dict[str, Any]):
+    ``keep_through_step``: the step the run starts from. ``metrics.jsonl`` first keeps only the records up to
+    it (atomically), so a run resumed after a kill logs each step once, not again after the duplicates of
+    the steps it lost; a torn last line is dropped too."""
+
+    def __init__(self, run_dir: Path, loggers: list[str], run_name: str, config: dict[str, Any],
+                 keep_through_step: int = 0):
         self.jsonl = run_dir / "metrics.jsonl"
+        trim_records(self.jsonl, keep_through_step)
         self._tensorboard = self._wandb = None
         if "tensorboard" in loggers:
             try:
@@ -50,6 +57,26 @@ class MetricsLogger:
             self._tensorboard.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def trim_records(jsonl: Path, last_step: int) -> int:
+    """Keep the records of ``jsonl`` with ``step <= last_step`` (replaced atomically); returns how many went."""
+    if not jsonl.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in jsonl.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line torn by a kill mid-write
+            dropped += 1
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= last_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        write_text_atomically(jsonl, "".join(line + "\n" for line in kept))
+    return dropped
 
 
 def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -16,26 +16,51 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from rich.console import Console
 
-from blip2cli.checkpoint import base_id_of, save_model, write_run_base
+from blip2cli.checkpoint import CONFIG_FILENAME, base_id_of, save_model, write_run_base
 from blip2cli.errors import Blip2Error
 from blip2cli.recipes import Recipe, recipe_to_toml
 from blip2cli.training.builders import BuiltModel, build_model
 from blip2cli.training.checkpointing import (
     frozen_fingerprint,
+    latest_name,
     load_training_checkpoint,
+    point_latest_at,
     resolve_resume,
     restore_rng_state,
     save_training_checkpoint,
 )
-from blip2cli.training.distributed import DistEnv, init_distributed, mean_across_ranks, sum_counts_across_ranks
+from blip2cli.training.distributed import (
+    DistEnv,
+    barrier,
+    init_distributed,
+    mean_across_ranks,
+    sum_counts_across_ranks,
+)
 from blip2cli.training.loggers import MetricsLogger
-from blip2cli.training.optim import build_optimizer, learning_rate, set_learning_rate
-from blip2cli.training.sharding import gather_training_state, is_sharded, shard_model, unsharded_copy
+from blip2cli.training.optim import (
+    build_optimizer,
+    check_schedule_unchanged,
+    learning_rate,
+    schedule_of,
+    set_learning_rate,
+)
+from blip2cli.training.run_control import (
+    RunLock,
+    StopSignals,
+    TrainingStopped,
+    signal_name,
+)
+from blip2cli.training.sharding import (
+    gather_training_state,
+    is_sharded,
+    shard_model,
+    unsharded_copy,
+)
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -70,16 +95,31 @@ def train(
     device: str = "auto",
     console: Console | None = None,
     stop_after: int | None = None,
+    allow_schedule_change: bool = False,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train ``recipe`` on ``shards`` into ``run_dir``.
 
     ``resume``: "auto" continues the run's latest checkpoint if there is one, "never" starts fresh, or a
     checkpoint path. ``stop_after`` ends the process after that many optimizer steps of *this* invocation
     (after saving a checkpoint), as an interrupted job would; used by tests and time-limited jobs.
+    ``allow_schedule_change``: resume although ``train.max_steps`` or the schedule changed (also the recipe
+    key ``train.allow_schedule_change``). ``on_step(step)`` runs after every optimizer step.
+
+    The main process holds the run directory's lock throughout (``run_control.RunLock``); SIGTERM or
+    SIGUSR1 saves a checkpoint after the current step and raises ``TrainingStopped`` on every rank.
     """
     env = init_distributed(device)
     console = console or Console(stderr=True)
     say = console.print if env.is_main else (lambda *a, **k: None)
+    lock = RunLock(run_dir, say=say) if env.is_main and not dry_run else nullcontext()
+    with lock, StopSignals() as signals:
+        return _train(recipe, run_dir, shards, resume, dry_run, env, say, stop_after,
+                      allow_schedule_change or recipe.train.allow_schedule_change, on_step, signals)
+
+
+def _train(recipe: Recipe, run_dir: Path, shards: list[str], resume: str | None, dry_run: bool, env: DistEnv,
+           say, stop_after: int | None, allow_schedule_change: bool, on_step, signals: StopSignals) -> TrainResult:
     if recipe.train.deterministic:
         use_deterministic_kernels()
     torch.manual_seed(recipe.train.seed)  # identical initial weights on every rank
@@ -118,11 +158,18 @@ def train(
         state = load_training_checkpoint(resume_from, model, optimizer, scaler, map_location=env.device,
                                          fingerprint=manifest["frozen_fingerprint"])
         start_step, rng_state = int(state["step"]), state["rng"]
+        if not allow_schedule_change:
+            check_schedule_unchanged(state.get("schedule"), schedule_of(recipe), resume_from)
         say(f"resumed from {resume_from} at step {start_step}")
-    if env.is_main:
+    if env.is_main and not dry_run:
         run_dir.mkdir(parents=True, exist_ok=True)  # also when resuming another run's checkpoint into a new one
         if resume_from is None or not (run_dir / "recipe.toml").exists():
             (run_dir / "recipe.toml").write_text(recipe_to_toml(recipe))
+        if resume_from is not None and resume_from.parent.resolve() == run_dir.resolve() \
+                and latest_name(run_dir) != resume_from.name:
+            # Rewinding the run: ``latest`` follows, so it never names a later step that is about to be overwritten.
+            point_latest_at(run_dir, resume_from.name)
+            say(f"rewound {run_dir} to {resume_from.name}; later steps will be overwritten")
 
     loader = _train_loader(recipe, shards, env, skip_batches=start_step * accumulation,
                            preprocessing=built.model.config.preprocessing)
@@ -141,7 +188,9 @@ def train(
 
     history: list[dict[str, Any]] = []
     skipped_total: dict[str, int] = {}
-    logger = MetricsLogger(run_dir, recipe.train.loggers, run_dir.name, dataclasses.asdict(recipe)) if env.is_main else None
+    # On resume the records after the resumed step (logged before a kill, never checkpointed) are dropped first.
+    logger = MetricsLogger(run_dir, recipe.train.loggers, run_dir.name, dataclasses.asdict(recipe),
+                           keep_through_step=start_step) if env.is_main else None
     validation = Validation(recipe, built, batcher, env)
     step = start_step
     run_start = last_log_time = time.perf_counter()
@@ -213,10 +262,21 @@ def train(
                     say("validation: " + " ".join(f"{k}={v:.4f}" for k, v in record.items()
                                                   if k != "step" and isinstance(v, float)), highlight=False)
 
+            if on_step is not None:
+                on_step(step)
             at_save = recipe.train.save_every and step % recipe.train.save_every == 0
             stopping = stop_after is not None and steps_this_run >= stop_after
-            if (at_save or stopping) and step < recipe.train.max_steps:
-                _save_step(run_dir, step, model, optimizer, scaler, manifest, accumulation, recipe, env)
+            signalled = signals.agreed(env.device, env.distributed)  # the same answer on every rank
+            if (at_save or stopping or signalled) and step < recipe.train.max_steps:
+                path = _save_step(run_dir, step, model, optimizer, scaler, manifest, accumulation, recipe, env)
+            if signalled and step < recipe.train.max_steps:
+                if logger:
+                    logger.close()
+                barrier(env)  # rank 0 has saved: nobody tears the process group down under it
+                name = signal_name(signalled)
+                where = f"saved {path}" if env.is_main else f"rank 0 saved step {step}"
+                raise TrainingStopped(f"{name} after step {step}: {where}; "
+                                      "rerun the same command to continue", signalled)
             if stopping and step < recipe.train.max_steps:
                 say(f"stopped after step {step}; continue with --resume auto")
                 if logger:
@@ -238,13 +298,16 @@ def train(
     _save_step(run_dir, step, model, optimizer, scaler, manifest, accumulation, recipe, env)
     if logger:
         logger.close()
-    final = None
+    final = run_dir / "final"
+    if step == start_step and resume_from is not None and (final / CONFIG_FILENAME).exists():
+        say(f"the run is complete at step {step}; {final} is up to date")  # a rerun rewrites nothing
+        return TrainResult(run_dir, final, step, history, counts)
     # FSDP: every rank helps gather the full weights into an unsharded copy on rank 0.
     to_save = unsharded_copy(model) if fsdp else model
     if env.is_main:
-        final = save_model(to_save, run_dir / "final", **_tokenizers(recipe, built))
+        final = save_model(to_save, final, **_tokenizers(recipe, built))
         say(f"final checkpoint: {final}")
-    return TrainResult(run_dir, final, step, history, counts)
+    return TrainResult(run_dir, final if env.is_main else None, step, history, counts)
 
 
 def _tokenizers(recipe: Recipe, built: BuiltModel) -> dict[str, Any]:
@@ -334,6 +397,7 @@ def _train_loader(recipe: Recipe, shards: list[str], env: DistEnv, skip_batches:
         seed=recipe.train.seed,
         shuffle_buffer=d.shuffle_buffer,
         skip_batches=skip_batches,
+        max_image_pixels=d.max_image_pixels or None,
     )
 
 
@@ -344,7 +408,8 @@ def _save_step(run_dir, step, model, optimizer, scaler, manifest, accumulation, 
         gathered = {"weights": weights, "optimizer_state": optimizer_state}
     if not env.is_main:
         return None
-    state = {"manifest": manifest, "data": {"micro_batches_consumed": step * accumulation}}
+    state = {"manifest": manifest, "data": {"micro_batches_consumed": step * accumulation},
+             "schedule": schedule_of(recipe)}
     return save_training_checkpoint(run_dir, step, model, optimizer, scaler, state, recipe.train.keep_last,
                                     **gathered)
 
@@ -392,7 +457,11 @@ class TextBatcher:
             )
             return {"pixel_values": pixel_values, "input_ids": tokens["input_ids"].to(device),
                     "attention_mask": tokens["attention_mask"].to(device)}
-        from blip2cli.models.text import decoder_only_batch, encoder_decoder_batch, prefix_lm_split
+        from blip2cli.models.text import (
+            decoder_only_batch,
+            encoder_decoder_batch,
+            prefix_lm_split,
+        )
 
         tokenizer = self.built.llm_tokenizer
         asked = any(q is not None for q in questions)
@@ -460,7 +529,8 @@ class Validation:
 
         r = self.recipe
         pre = self.built.model.config.preprocessing
-        loader = make_eval_loader(r.data.val_shards, r.data.micro_batch_size, pre.size, preprocessing=pre)
+        loader = make_eval_loader(r.data.val_shards, r.data.micro_batch_size, pre.size, preprocessing=pre,
+                                  max_image_pixels=r.data.max_image_pixels or None)
         sums: dict[str, float] = {}
         samples = 0
         for index, batch in enumerate(loader):

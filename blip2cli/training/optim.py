@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from blip2cli.recipes import OptimSection
+from blip2cli.errors import CheckpointError
+from blip2cli.recipes import OptimSection, Recipe
+
+# What the learning-rate curve is a function of: changing one of these mid-run bends the curve.
+SCHEDULE_KEYS = ("lr", "min_lr", "warmup_steps", "warmup_start_lr", "schedule")
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -55,3 +61,22 @@ def learning_rate(step: int, max_steps: int, optim: OptimSection) -> float:
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def schedule_of(recipe: Recipe) -> dict[str, object]:
+    """The recipe values the learning-rate schedule depends on, as stored in step checkpoints."""
+    optim = dataclasses.asdict(recipe.optim)
+    return {"train.max_steps": recipe.train.max_steps, **{f"optim.{k}": optim[k] for k in SCHEDULE_KEYS}}
+
+
+def check_schedule_unchanged(saved: dict[str, object] | None, current: dict[str, object], path: Path) -> None:
+    """Refuse to resume under another schedule than the checkpoint's, in one line (checkpoints written
+    before schedules were recorded pass)."""
+    if not saved:
+        return
+    changed = [f"{k} {saved[k]} -> {current[k]}" for k in current if k in saved and saved[k] != current[k]]
+    if changed:
+        raise CheckpointError(
+            f"{path} was trained with another learning-rate schedule ({'; '.join(changed)}); resuming would change "
+            "the curve mid-run: restore the values, or pass --allow-schedule-change (train.allow_schedule_change=true)"
+        )

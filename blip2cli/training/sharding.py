@@ -225,7 +225,10 @@ def unsharded_copy(model: nn.Module) -> nn.Module | None:
     """A plain (unsharded) CPU copy of ``model`` for ``blip2cli.checkpoint.save_model``, on rank 0; None on
     the other ranks. A collective: every weight, frozen ones included, is gathered onto rank 0's CPU."""
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     state = get_model_state_dict(model, options=StateDictOptions(**_GATHER))
     if dist.get_rank() != 0:
