@@ -52,6 +52,7 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
 STRATEGIES = ("ddp", "fsdp")
 LOGGERS = ("tensorboard", "wandb")
+WEIGHT_DECAY_GROUPS = ("ours", "lavis")
 
 
 @dataclass
@@ -86,7 +87,7 @@ class LossSection:
     itg_label_smoothing: float = _f(0.1, "Label smoothing of the ITG cross-entropy (LAVIS 0.1; paper-literal 0.0).")
     temp_init: float = _f(0.07, "Initial value of the learnable ITC temperature.")
     temp_clamp: tuple[float, float] | None = _f(None, "Clamp the temperature to [lo, hi] after each step, e.g. [0.001, 0.5] as BLIP/ALBEF; absent = no clamp (BLIP-2).")
-    gather_with_grad: bool = _f(True, "Gather ITC features across ranks with autograd (the exact big-batch gradient); false = LAVIS's no-grad gather (gathered negatives get no gradient).")
+    gather_with_grad: bool = _f(False, "How ITC features are gathered across ranks: false = LAVIS's no-grad concat_all_gather (a feature gets gradient only as the anchor of its own rows); true = ours, with autograd (the exact gradient of one big batch). Same loss; the paper does not say. ITM's negative images are gathered with gradient either way, as in LAVIS.")
     itc_same_image_positives: bool = _f(False, "Treat every caption of the same image as a positive (soft ITC targets), as LAVIS's retrieval fine-tuning does.")
 
 
@@ -96,7 +97,8 @@ class OptimSection:
     min_lr: float = _f(1e-5, "Learning rate at the end of the decay.")
     betas: tuple[float, float] = _f((0.9, 0.98), "AdamW betas; the paper uses (0.9, 0.98), LAVIS runs with the torch default (0.9, 0.999).")
     eps: float = _f(1e-8, "AdamW epsilon.")
-    weight_decay: float = _f(0.05, "Decoupled weight decay; biases and 1-D parameters (norms) are not decayed.")
+    weight_decay: float = _f(0.05, "Decoupled weight decay; which parameters it applies to is optim.weight_decay_groups.")
+    weight_decay_groups: str = _f("ours", 'Which parameters are decayed. "ours": all but biases, 0-/1-D tensors (norms), the ITC temperature and the query tokens. "lavis": LAVIS get_optimizer_params, all but 1-D tensors and biases, so the 0-D temperature and the (1, NQ, D) query tokens are decayed by accident of their shapes. The paper does not say.')
     warmup_steps: int = _f(2000, "Linear warmup steps from warmup_start_lr to lr.")
     warmup_start_lr: float = _f(1e-6, "Learning rate at step 0 of the warmup (LAVIS 1e-6).")
     schedule: str = _f("cosine", "Decay after warmup, per optimizer step: cosine | linear | constant (LAVIS decays per epoch).")
@@ -108,8 +110,8 @@ class DataSection:
     shards: list[str] = _f([], 'WebDataset shards: paths, URLs or brace patterns ("data/cc3m-{00000..00331}.tar"); empty = the workspace\'s shards.')
     weights: list[float] = _f([], "Sampling weight per entry of shards for resampled mixtures; empty = equal weights.")
     val_shards: list[str] = _f([], "Held-out shards for validation; empty = no validation loss.")
-    global_batch_size: int = _f(1680, "Samples per optimizer step over all ranks; gradients are accumulated to reach it.")
-    micro_batch_size: int = _f(105, "Samples per forward pass on one device (per-rank batch).")
+    global_batch_size: int = _f(1680, "Samples per optimizer step over all ranks; gradients are accumulated to reach it (stage 1 with ITC/ITM: refused unless train.allow_contrastive_accumulation).")
+    micro_batch_size: int = _f(105, "Samples per forward pass on one device (per-rank batch). Stage 1: ITC/ITM negatives come from micro_batch_size x processes samples.")
     num_workers: int = _f(4, "DataLoader worker processes per rank.")
     shuffle_buffer: int = _f(5000, "Samples in the in-memory shuffle buffer of each worker.")
     rrc_scale: tuple[float, float] = _f((0.5, 1.0), "Random-resized-crop area range of training images.")
@@ -126,6 +128,7 @@ class TrainSection:
     grad_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory (trainable image encoder, Q-Former).")
     compile: bool = _f(False, "Wrap the model in torch.compile.")
     seed: int = _f(42, "Seed for weights, data order and augmentation (each rank derives its own).")
+    allow_contrastive_accumulation: bool = _f(False, "Stage 1 (ITC/ITM): allow gradient accumulation, where each micro-batch's contrastive batch (negatives) is micro_batch_size x processes, not data.global_batch_size. false = refuse such a launch with one line (ITG alone accumulates freely). metrics.jsonl logs contrastive_batch and itc_negatives either way.")
     deterministic: bool = _f(False, "Deterministic kernels only (torch.use_deterministic_algorithms, warn-only): bit-identical reruns; multi-threaded CPU kernels otherwise drift by float rounding within tens of steps. Somewhat slower.")
     log_every: int = _f(50, "Steps between progress lines and metrics records.")
     save_every: int = _f(5000, "Steps between checkpoints (one is always written at the end); 0 = only at the end.")
@@ -141,7 +144,7 @@ class EvalSection:
     num_beams: int | None = _f(None, "Beam width of in-loop eval.task generation; absent = the protocol's (5). With eval.task set, stored in the checkpoint as its default for that kind of task (VQA or captions).")
     max_new_tokens: int | None = _f(None, "Generated tokens at most; absent = the protocol's (VQA 10, captions 30). Stored like num_beams.")
     min_new_tokens: int | None = _f(None, "Generated tokens at least; absent = the protocol's (VQA 1, captions 8). Stored like num_beams.")
-    length_penalty: float | None = _f(None, "Beam-search length penalty (negative favours short answers); absent = the protocol's (VQA: -1 FlanT5, 0 OPT; captions 1). Stored like num_beams.")
+    length_penalty: float | None = _f(None, "Beam-search length penalty (negative favours short answers); absent = the protocol's (paper: VQA -1, captions 1; `blip2 eval --protocol lavis`: 0 for OPT VQA). Stored like num_beams.")
     prompt_template: str = _f("", 'VQA prompt with {} for the question that this model answers to, e.g. "Question: {} Short answer:"; stored in the checkpoint, so `blip2 ask` and `blip2 eval` use it. Empty = the fine-tuned checkpoint\'s, else the protocol\'s.')
     caption_prompt: str | None = _f(None, 'Text generated captions continue (`blip2 ask`, `blip2 eval coco`), stored in the checkpoint; absent = model.prompt when set, else the fine-tuned checkpoint\'s, else the protocol\'s ("a photo of" in eval, none in ask).')
     k_test: int = _f(128, "Retrieval: ITC candidates re-ranked by ITM per query.")
@@ -218,6 +221,8 @@ class Recipe:
         check(0 <= o.warmup_start_lr <= o.lr, "optim.warmup_start_lr", "must be in [0, optim.lr]")
         check(o.schedule in SCHEDULES, "optim.schedule", f"must be one of {', '.join(SCHEDULES)}, got {o.schedule!r}")
         check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)")
+        check(o.weight_decay_groups in WEIGHT_DECAY_GROUPS, "optim.weight_decay_groups",
+              f"must be one of {', '.join(WEIGHT_DECAY_GROUPS)}, got {o.weight_decay_groups!r}")
 
         if d.weights:
             check(len(d.weights) == len(d.shards), "data.weights", f"has {len(d.weights)} entries for {len(d.shards)} shards")
@@ -240,6 +245,8 @@ class Recipe:
         check(t.save_every >= 0, "train.save_every", "must be >= 0 (0 = only at the end)")
         check(t.keep_last >= 1, "train.keep_last", "must be >= 1")
         check(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = off)")
+        check(not t.allow_contrastive_accumulation or m.stage == 1, "train.allow_contrastive_accumulation",
+              "applies to stage 1 (ITC/ITM) only; remove it (override: ~train.allow_contrastive_accumulation)")
 
         check(e.num_beams is None or e.num_beams >= 1, "eval.num_beams", "must be >= 1")
         check(e.max_new_tokens is None or e.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
@@ -260,6 +267,42 @@ class Recipe:
                   "in-loop generation is not supported with dist.strategy=fsdp; keep the held-out loss "
                   "(data.val_shards) and run `blip2 eval` on the saved checkpoint")
         return self
+
+    @property
+    def contrastive(self) -> bool:
+        """Stage 1 with ITC or ITM on: losses whose negatives are the other samples of the forward pass."""
+        return self.model.stage == 1 and (self.loss.itc > 0 or self.loss.itm > 0)
+
+    def contrastive_batch(self, world_size: int) -> int | None:
+        """Samples one ITC softmax (and the ITM negative pool) spans: ``micro_batch_size x processes``.
+        None when there is no contrastive loss."""
+        return self.data.micro_batch_size * world_size if self.contrastive else None
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on ``world_size`` processes, or a one-line error when the global
+        batch is not a multiple of ``micro_batch_size x processes``, or when a stage-1 contrastive run would
+        need accumulation (each micro-batch would draw negatives from itself only) without
+        ``train.allow_contrastive_accumulation``."""
+        d = self.data
+        per_step = d.micro_batch_size * world_size
+        if d.global_batch_size % per_step:
+            raise Blip2Error(
+                f"data.global_batch_size={d.global_batch_size} is not a multiple of "
+                f"data.micro_batch_size x processes = {d.micro_batch_size} x {world_size}"
+            )
+        steps = d.global_batch_size // per_step
+        if steps > 1 and self.contrastive and not self.train.allow_contrastive_accumulation:
+            fixes = [f"run {d.global_batch_size // d.micro_batch_size} processes"]
+            if d.global_batch_size % world_size == 0:
+                fixes.insert(0, f"set data.micro_batch_size={d.global_batch_size // world_size}")
+            fixes += [f"set data.global_batch_size={per_step}",
+                      "accept the smaller contrastive batch with train.allow_contrastive_accumulation=true"]
+            raise Blip2Error(
+                f"stage 1 with ITC/ITM would accumulate gradients: data.global_batch_size={d.global_batch_size} on "
+                f"{world_size} process(es) takes {steps} micro-batches of {d.micro_batch_size}, each drawing its "
+                f"negatives from {per_step} samples instead of {d.global_batch_size}; {', or '.join(fixes)}"
+            )
+        return steps
 
 
 # ------------------------------------------------------------------------------------------ schema walking
@@ -480,9 +523,10 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
-def recipe_to_toml(recipe: Recipe, header: str = "", comments: bool = True) -> str:
+def recipe_to_toml(recipe: Recipe, header: str = "", comments: bool = True, marks: dict[str, str] | None = None) -> str:
     """Write ``recipe`` as TOML that ``load_recipe`` reads back equal. Unset (``None``) fields are left out,
-    as TOML has no null. With ``comments``, each key gets its schema help line."""
+    as TOML has no null. With ``comments``, each key gets its schema help line; ``marks`` (dotted key ->
+    text, e.g. ``blip2cli.references.compare``) end the key's line as a comment."""
     lines: list[str] = [f"# {line}".rstrip() for line in header.splitlines()]
     for section in _sections():
         if lines:
@@ -491,12 +535,14 @@ def recipe_to_toml(recipe: Recipe, header: str = "", comments: bool = True) -> s
         obj = getattr(recipe, section)
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
+            mark = (marks or {}).get(f"{section}.{f.name}")
+            tail = f"  # {mark}" if mark else ""
             if comments:
                 lines.append(f"# {f.metadata.get('help', '')}")
             if value is None:
-                lines.append(f"# {f.name} = (unset)")
+                lines.append(f"# {f.name} = (unset){tail}")
                 continue
-            lines.append(f"{f.name} = {_toml_value(value)}")
+            lines.append(f"{f.name} = {_toml_value(value)}{tail}")
     return "\n".join(lines) + "\n"
 
 

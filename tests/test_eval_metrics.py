@@ -97,13 +97,20 @@ def test_vqa_accuracy_overall_and_per_type():
                           {k: {"answers": ["x"] * 10} for k in "123"})["accuracy"] == 66.67
 
 
-def test_gqa_exact_match():
-    truth = {"a": "dog", "b": "dog", "c": "2", "d": "t-shirt"}
-    predictions = {"a": "The dog.", "b": "dogs", "c": "two", "d": "t-shirt"}
-    result = M.gqa_accuracy(predictions, truth)
-    # a: normalised "dog" matches; b: no; c: "two" -> "2" matches; d: prediction becomes "t shirt" while
-    # the GQA answer is compared as given (LAVIS GQATask) -> no.
-    assert result == {"accuracy": 50.0, "num_questions": 4}
+def test_gqa_exact_match_both_scorings():
+    truth = {"a": "dog", "b": "dog", "c": "2", "d": "t-shirt", "e": "left", "f": "The Left"}
+    predictions = {"a": "The dog.", "b": "dogs", "c": "two", "d": "t-shirt", "e": "left.", "f": "left"}
+    # The prediction is normalised in both: a "The dog." -> "dog" (hit), b "dogs" (miss), c "two" -> "2"
+    # (hit), d "t-shirt" -> "t shirt", e "left." -> "left" (hit), f "left".
+    # release (LAVIS at release, the paper's numbers): the ground truth as given, so d misses "t-shirt" and
+    # f misses "The Left" -> 3 of 6.
+    assert M.gqa_accuracy(predictions, truth, "release") == {"accuracy": 50.0, "num_questions": 6}
+    # current (LAVIS today): the ground truth is normalised too, "t-shirt" -> "t shirt" and "The Left" ->
+    # "left" -> 5 of 6.
+    assert M.gqa_accuracy(predictions, truth, "current") == {"accuracy": 83.33, "num_questions": 6}
+    assert M.gqa_accuracy(predictions, truth) == M.gqa_accuracy(predictions, truth, "current")  # the default
+    with pytest.raises(ValueError, match="current.*release"):
+        M.gqa_accuracy(predictions, truth, "paper")
 
 
 # --------------------------------------------------------------------------------------------- retrieval
@@ -171,12 +178,18 @@ def test_spice_needs_corenlp(monkeypatch):
         assert "CoreNLP 3.6.0" in reason
 
 
-def test_lemmatizer_reports_why_it_is_missing():
+def test_lemmatizer_reports_why_it_is_missing(monkeypatch):
     lemmatize, reason = M.load_lemmatizer()
     if lemmatize is None:
-        assert "spaCy" in reason
+        # one line saying how to get it: the eval extra, and the model's download (or a local copy)
+        assert "\n" not in reason and "spaCy" in reason and "en_core_web_sm" in reason
+        assert 'pip install -e ".[eval]"' in reason or M.SPACY_MODEL_ENV in reason
     else:
         assert lemmatize("two dogs running") == "two dog run"
+    # a model that is not there (a path, as BLIP2_SPACY_MODEL may give) is reported, never downloaded
+    monkeypatch.setenv(M.SPACY_MODEL_ENV, "/nonexistent/spacy-model")
+    lemmatize, reason = M.load_lemmatizer()
+    assert lemmatize is None and ("/nonexistent/spacy-model" in reason or "spaCy is not installed" in reason)
 
 
 @pytest.mark.slow

@@ -118,9 +118,11 @@ def test_vqav2_cli_end_to_end_opt(hf_opt_dir, tmp_path):
     predictions = _read(out / "predictions.json")
     assert [p["question_id"] for p in predictions] == [1000, 1001, 1002, 1003]
     metrics = _read(out / "metrics.json")
-    # OPT defaults of the paper, recorded with the results
+    # OPT defaults of the paper (its prompt, length penalty -1 with beam search), recorded with the results
+    assert metrics["protocol"] == "paper" and metrics["settings"]["protocol"] == "paper"
     assert metrics["settings"]["prompt"] == "Question: {} Answer:"
-    assert metrics["settings"]["length_penalty"] == 0.0 and metrics["settings"]["max_new_tokens"] == 10
+    assert metrics["settings"]["length_penalty"] == -1.0 and metrics["settings"]["max_new_tokens"] == 10
+    assert metrics["lemmatized"] is False  # VQAv2 is not lemmatised
     assert metrics["num_items"] == 4 and metrics["skipped"] == []
     # the metrics are those of the written predictions
     truth = load_eval_data("vqav2", data).vqa_truth
@@ -137,7 +139,7 @@ def test_vqav2_cli_end_to_end_opt(hf_opt_dir, tmp_path):
         pixels = loaded.image_processor(images=image, return_tensors="pt").pixel_values
         batch = generation_batch(loaded.tokenizer, [f"Question: {QUESTIONS[i]} Answer:"], False)
         ids = loaded.model.generate(pixels, batch["input_ids"], batch["attention_mask"], num_beams=2,
-                                    max_new_tokens=10, min_new_tokens=1, length_penalty=0.0)
+                                    max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)
         assert prediction["answer"] == decode_generated(loaded.tokenizer, ids)[0]
 
 
@@ -184,9 +186,11 @@ def test_okvqa_flant5_defaults_and_lemmatisation_report(hf_t5_dir, tmp_path):
     assert metrics["settings"]["length_penalty"] == -1.0 and metrics["settings"]["lemmatize"] is True
     assert metrics["settings"]["max_new_tokens"] == 4
     lemmatizer, _ = M.load_lemmatizer()
+    assert metrics["lemmatized"] is (lemmatizer is not None)
     if lemmatizer is None:  # reported, not a crash
         assert "lemmatization" in metrics["skipped"]
-        assert any("lemmatisation skipped" in note for note in metrics["notes"])
+        assert any("lemmatisation skipped" in note and "python -m spacy download en_core_web_sm" in note
+                   for note in metrics["notes"])
 
 
 def test_gqa_official_format(hf_t5_dir, tmp_path):

@@ -228,3 +228,135 @@ def test_cli_copy(tmp_path):
 
     result = runner.invoke(app, ["recipes", "copy", "tiny_stage2_opt", str(tmp_path)])  # into a directory
     assert result.exit_code == 0 and (tmp_path / "tiny_stage2_opt.toml").is_file()
+
+
+# ------------------------------------------------------------------------------------------ whose values
+PAPER_RECIPES = [n for n in SHIPPED if n.startswith(("pretrain_", "finetune_"))]
+# Hand-checked against BLIP2_SPEC.md (b), (c), (e): the keys of each paper recipe that deviate from the paper
+# and from LAVIS. The paper recipes follow the paper except for LAVIS's label smoothing (which the paper
+# does not mention); LAVIS differs in the optimizer, the schedule, batch sizes, steps and precision.
+_LAVIS_RUNNER_DEVIATIONS = {"optim.betas", "optim.weight_decay_groups", "optim.schedule", "train.precision"}
+EXPECTED_DEVIATIONS = {
+    "pretrain_stage1_vitg": ({"loss.itc_label_smoothing", "loss.itg_label_smoothing"},
+                             _LAVIS_RUNNER_DEVIATIONS | {"optim.warmup_steps", "data.global_batch_size",
+                                                         "data.micro_batch_size", "train.max_steps"}),
+    "pretrain_stage1_vitl": ({"loss.itc_label_smoothing", "loss.itg_label_smoothing"},
+                             _LAVIS_RUNNER_DEVIATIONS | {"optim.warmup_steps", "train.max_steps"}),
+    **{f"pretrain_stage2_{llm}": (set(), _LAVIS_RUNNER_DEVIATIONS | {"optim.min_lr", "data.global_batch_size",
+                                                                    "data.micro_batch_size", "train.max_steps"})
+       for llm in ("opt2.7b", "opt6.7b", "flant5xl", "flant5xxl")},
+    "finetune_caption_coco": (set(), _LAVIS_RUNNER_DEVIATIONS | {"train.max_steps"}),
+    "finetune_retrieval_coco": (set(), _LAVIS_RUNNER_DEVIATIONS | {"train.max_steps"}),
+    "finetune_vqa_vqav2": (set(), _LAVIS_RUNNER_DEVIATIONS),
+}
+
+
+def _shown_lines(name: str, *overrides: str) -> tuple[list[str], dict[str, str]]:
+    """`blip2 recipes show`: its header lines and, per dotted key, the key's line."""
+    result = runner.invoke(app, ["recipes", "show", name, *overrides])
+    assert result.exit_code == 0, result.output
+    header, lines, section = [], {}, None
+    for line in result.output.splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif section is None:
+            header.append(line)
+        elif line and not line.startswith("# ") or line.startswith("# ") and "= (unset)" in line:
+            lines[f"{section}.{line.lstrip('# ').split(' = ')[0]}"] = line
+    return header, lines
+
+
+@pytest.mark.parametrize("name", PAPER_RECIPES)
+def test_recipes_show_marks_every_deviation(name):
+    from blip2cli.references import references_for
+
+    header, lines = _shown_lines(name)
+    paper, lavis = EXPECTED_DEVIATIONS[name]
+    refs = references_for(load_recipe(name))
+    for key, line in lines.items():
+        mark = line.split("  # ", 1)[1] if "  # " in line else ""
+        assert ("!= paper: " in mark) == (key in paper), (key, line)
+        assert ("!= LAVIS: " in mark) == (key in lavis), (key, line)
+        assert ("= paper" in mark) == (key in refs.paper), (key, line)  # every key the paper states is marked
+        assert ("= LAVIS" in mark) == (key in refs.lavis), (key, line)
+    summary = {line.split(": ", 1)[0]: line.split(": ", 1)[1] for line in header if "deviations from" in line}
+    assert set(summary["# deviations from LAVIS"].split(", ")) == lavis
+    if name.startswith("pretrain_"):
+        assert set(summary["# deviations from the paper"].split(", ")) - {"none"} == paper
+    assert "optim.betas" in lavis and "optim.betas" in lines  # sanity: the table is not empty
+
+
+def test_recipes_show_marks_follow_overrides():
+    _, lines = _shown_lines("pretrain_stage1_vitg")
+    assert lines["optim.betas"].endswith("# = paper; != LAVIS: [0.9, 0.999]")
+    assert lines["loss.itc_label_smoothing"].endswith("# != paper: 0.0; = LAVIS")
+    assert lines["loss.gather_with_grad"].endswith("# = LAVIS") and "paper" not in lines["loss.gather_with_grad"]
+    assert lines["train.max_steps"].endswith("# = paper; != LAVIS: 10 epochs")
+    assert lines["optim.weight_decay_groups"].endswith('# != LAVIS: "lavis"')
+    assert lines["loss.temp_clamp"] == "# temp_clamp = (unset)  # = LAVIS"
+    header, lines = _shown_lines("pretrain_stage1_vitg", "optim.betas=[0.9,0.999]", "loss.gather_with_grad=true",
+                                 "optim.weight_decay_groups=lavis")
+    assert lines["optim.betas"].endswith("# != paper: [0.9, 0.98]; = LAVIS")
+    assert lines["loss.gather_with_grad"].endswith("# != LAVIS: false")
+    assert lines["optim.weight_decay_groups"].endswith("# = LAVIS")
+    assert any(line.startswith("# deviations from the paper: ") and "optim.betas" in line for line in header)
+
+
+@pytest.mark.parametrize("name", PAPER_RECIPES)
+def test_paper_recipe_comments_say_whose_value(name):
+    """Every key the paper or LAVIS states a value for says so in its comment, and says "ours" when the value
+    is neither's."""
+    from blip2cli.references import references_for
+
+    recipe = load_recipe(name)
+    refs = references_for(recipe)
+    section = None
+    for line in find_recipe(name).read_text().splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        if not line or line.startswith("#"):
+            continue
+        key, comment = f"{section}.{line.split('=')[0].strip()}", line.split("  # ", 1)[1]
+        value = getattr(getattr(recipe, section), key.split(".")[1])
+        sources = [("paper", refs.paper), ("LAVIS", refs.lavis)]
+        needed = [word for word, table in sources if key in table]
+        matches = [table[key] == value or (isinstance(value, tuple) and tuple(table[key]) == value)
+                   for _, table in sources if key in table and not hasattr(table[key], "text")]
+        if needed and not any(matches):
+            needed.append("ours")
+        for word in needed:
+            assert word in comment, f"{name}: {key}: the comment should say {word!r}: {line!r}"
+
+
+def test_weight_decay_groups_and_contrastive_accumulation_keys():
+    with pytest.raises(Blip2Error, match="optim.weight_decay_groups: must be one of ours, lavis, got 'none'"):
+        load_recipe("pretrain_stage1_vitg", ["optim.weight_decay_groups=none"])
+    with pytest.raises(Blip2Error, match="train.allow_contrastive_accumulation: applies to stage 1 .ITC/ITM. only"):
+        load_recipe("pretrain_stage2_opt2.7b", ["train.allow_contrastive_accumulation=true"])
+    load_recipe("tiny_stage1", ["loss.itc=0", "loss.itm=0"])  # ITG alone: the key is inert, not an error
+    assert load_recipe("pretrain_stage1_vitg").loss.gather_with_grad is False  # LAVIS's gather
+    assert Recipe().loss.gather_with_grad is False and Recipe().optim.weight_decay_groups == "ours"
+
+
+@pytest.mark.parametrize("name, gpus", [("pretrain_stage1_vitg", 16), ("pretrain_stage1_vitl", 16),
+                                        ("finetune_retrieval_coco", 8), ("small_stage1", 1), ("demo_stage1", 1),
+                                        ("tiny_stage1", 2)])
+def test_stage1_recipes_run_unaccumulated_on_their_stated_hardware(name, gpus):
+    recipe = load_recipe(name)
+    assert recipe.accumulation_steps(gpus) == 1
+    assert recipe.contrastive_batch(gpus) == recipe.data.global_batch_size  # every step contrasts the whole batch
+
+
+def test_contrastive_accumulation_is_refused_in_one_line():
+    recipe = load_recipe("pretrain_stage1_vitg")
+    with pytest.raises(Blip2Error) as err:
+        recipe.accumulation_steps(8)  # 1680 on 8 GPUs of 105: 2 micro-batches, 840 negatives each
+    message = str(err.value)
+    assert "\n" not in message and "negatives from 840 samples instead of 1680" in message
+    assert "data.micro_batch_size=210" in message and "train.allow_contrastive_accumulation=true" in message
+    recipe.train.allow_contrastive_accumulation = True
+    assert recipe.accumulation_steps(8) == 2 and recipe.contrastive_batch(8) == 840
+    recipe = load_recipe("pretrain_stage1_vitg", ["loss.itc=0", "loss.itm=0"])  # ITG only: no negatives
+    assert recipe.accumulation_steps(8) == 2 and recipe.contrastive_batch(8) is None
+    assert load_recipe("pretrain_stage2_opt2.7b").accumulation_steps(16) == 2  # stage 2 accumulates freely

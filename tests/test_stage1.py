@@ -477,3 +477,29 @@ def test_total_loss_halves_on_eight_pairs(tok):
     assert all(torch.isfinite(torch.tensor(losses)))
     last = sum(losses[-5:]) / 5
     assert last < 0.5 * losses[0], (losses[0], last)
+
+
+@pytest.mark.parametrize("rule", ["ours", "lavis"])
+def test_weight_decay_groups(tok, rule):
+    """optim.weight_decay_groups: "lavis" decays the 0-D temperature and the (1, NQ, D) query tokens as LAVIS's
+    get_optimizer_params does by their shapes; "ours" does not. Biases and norms are never decayed."""
+    from blip2cli.recipes import OptimSection
+    from blip2cli.training.optim import build_optimizer
+
+    model = build(tok)
+    optimizer = build_optimizer(model, OptimSection(lr=0.1, weight_decay=0.5, weight_decay_groups=rule))
+    decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decayed}
+    assert ("temp" in names, "query_tokens" in names) == ((True, True) if rule == "lavis" else (False, False))
+    assert {"itm_head.weight", "vision_projection.weight"} <= names
+    assert not names & {"itm_head.bias", "qformer.layernorm.weight", "vision_model.post_layernorm.weight"}
+    # One AdamW step with zero gradients is the decoupled decay alone: p <- p * (1 - lr * wd) = 0.95 p.
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, param in model.named_parameters():
+        if name in before:
+            expected = before[name] * 0.95 if name in names else before[name]
+            torch.testing.assert_close(param.detach(), expected, msg=name)

@@ -50,6 +50,8 @@ def test_stage1_learns_and_writes_checkpoints(stage1_run):
     assert last < 0.8 * first, (first, last)
     record = stage1_run.history[-1]
     assert {"loss_itc", "loss_itm", "loss_itg", "lr", "samples_per_s"} <= set(record)
+    # tiny_stage1 accumulates 2 micro-batches of 4 on one process (allowed explicitly): each contrasts 4
+    assert (record["contrastive_batch"], record["itc_negatives"]) == (4, 3)
     # Corrupt samples were skipped and counted, not fatal.
     assert sum(record["skipped"].values()) >= 1
     run_dir = stage1_run.run_dir
@@ -145,6 +147,10 @@ def test_dry_run_and_batch_checks(shards, tmp_path):
               shards, device="cpu").history
     with pytest.raises(Blip2Error, match="cannot resume"):
         train(_recipe("tiny_stage1"), tmp_path / "y", shards, device="cpu", resume=str(tmp_path / "nowhere"))
+    # stage 1 does not accumulate ITC/ITM batches unless the recipe allows it (refused before any model is built)
+    with pytest.raises(Blip2Error, match="negatives from 4 samples instead of 8; set data.micro_batch_size=8"):
+        train(_recipe("tiny_stage1", "~train.allow_contrastive_accumulation"), tmp_path / "z", shards,
+              device="cpu", dry_run=True)
 
 
 def test_two_process_ddp_stage1_stops_on_sigusr1_and_resumes(shards, tmp_path):
@@ -177,6 +183,8 @@ def test_two_process_ddp_stage1_stops_on_sigusr1_and_resumes(shards, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 41))
+    # 4 per process x 2 processes: one contrastive batch of 8 per step (no accumulation)
+    assert all((r["contrastive_batch"], r["itc_negatives"]) == (8, 7) for r in records)
     assert (out / "final" / "model.safetensors").exists()
 
 

@@ -104,8 +104,11 @@ stage stage2 "$WORK/runs/stage2/final" -- \
     train.max_steps="$S2_STEPS" optim.lr="$S2_LR" optim.min_lr=1e-5 optim.warmup_steps="$S2_WARMUP" $EXTRA2
 
 EVAL=(--split test --workers 0 --no-java --device cpu)
+# --length-penalty 0: the figures in the README were measured with it (the former OPT-style default); the paper's
+# protocol, now the default, uses -1 with beam 5.
 stage eval_vqav2 "$WORK/eval/vqav2/metrics.json" -- \
-    blip2 eval vqav2 --model "$WORK/runs/stage2/final" --data "$DATA/eval/vqav2" --out "$WORK/eval/vqav2" "${EVAL[@]}"
+    blip2 eval vqav2 --model "$WORK/runs/stage2/final" --data "$DATA/eval/vqav2" --out "$WORK/eval/vqav2" "${EVAL[@]}" \
+    --length-penalty 0
 # easy-VQA captions are 3 words: the protocol's 8-token minimum would force filler, so 1-10 new tokens.
 stage eval_coco "$WORK/eval/coco/metrics.json" -- \
     blip2 eval coco --model "$WORK/runs/stage2/final" --data "$DATA/eval/coco" --out "$WORK/eval/coco" "${EVAL[@]}" \

@@ -24,6 +24,10 @@ Examples:
 
   blip2 eval gqa --questions testdev_balanced_questions.json --images gqa/images
 
+  blip2 eval okvqa --model Salesforce/blip2-opt-2.7b --protocol lavis      # LAVIS's OPT prompt and length penalty
+
+  blip2 eval gqa --predictions runs/eval/gqa-blip2-flan-t5-xl/predictions.json --gqa-scoring release   # as at release
+
   blip2 eval coco --predictions runs/eval/coco-blip2-opt-2.7b-coco/predictions.json   # re-score, no model
 
   torchrun --nproc-per-node 8 -m blip2cli eval vqav2               # data-parallel
@@ -52,9 +56,11 @@ def eval_command(
     num_beams: Optional[int] = typer.Option(None, "--num-beams", min=1, help="Beam width [default 5]."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="[default: 10 VQA, 30 captions]."),
     min_new_tokens: Optional[int] = typer.Option(None, "--min-new-tokens", min=0, help="[default: 1 VQA, 8 captions]."),
-    length_penalty: Optional[float] = typer.Option(None, "--length-penalty", help="[default: -1 FlanT5 / 0 OPT for VQA, 1 captions]."),
+    protocol: str = typer.Option("paper", "--protocol", help="Whose VQA generation defaults: paper (OPT: 'Question: {} Answer:', length penalty -1) or lavis (LAVIS's configs: 'Question: {} Short answer:', length penalty 0 for OPT); FlanT5 is the same in both. Recorded in metrics.json."),
+    gqa_scoring: str = typer.Option("current", "--gqa-scoring", help="GQA exact match: current (LAVIS today: prediction and ground truth normalised) or release (LAVIS at release: prediction only). Recorded in metrics.json."),
+    length_penalty: Optional[float] = typer.Option(None, "--length-penalty", help="[default: the protocol's: -1 for VQA (lavis: 0 for OPT), 1 captions]."),
     repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", help="[default 1.0]."),
-    lemmatize: Optional[bool] = typer.Option(None, "--lemmatize/--no-lemmatize", help="Lemmatise answers with spaCy [default: on for okvqa]."),
+    lemmatize: Optional[bool] = typer.Option(None, "--lemmatize/--no-lemmatize", help='Lemmatise answers with spaCy [default: on for okvqa; needs pip install -e ".[eval]" and python -m spacy download en_core_web_sm, or BLIP2_SPACY_MODEL=PATH].'),
     k_test: Optional[int] = typer.Option(None, "--k-test", min=1, help="Retrieval: ITC candidates re-ranked by ITM [default 128]."),
     predictions: Optional[Path] = typer.Option(None, "--predictions", help="Score this predictions file (official JSON or predictions.jsonl) instead of running a model."),
     questions: Optional[Path] = typer.Option(None, "--questions", help="Questions JSON (VQA, GQA), instead of the manifest."),
@@ -71,7 +77,7 @@ def eval_command(
 
     from blip2cli.errors import Blip2Error
     from blip2cli.evaluation import default_settings, load_eval_data, rescore, run_eval, task_spec
-    from blip2cli.evaluation.tasks import resolve_settings
+    from blip2cli.evaluation.tasks import check_gqa_scoring, resolve_settings
     from blip2cli.evaluation.report import report_table
 
     out_console = Console()
@@ -92,10 +98,10 @@ def eval_command(
     use_java = False if no_java else None
     overrides = dict(prompt=prompt, num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                      length_penalty=length_penalty, repetition_penalty=repetition_penalty, lemmatize=lemmatize,
-                     k_test=k_test)
+                     k_test=k_test, gqa_scoring=check_gqa_scoring(gqa_scoring))
 
     if predictions is not None:
-        settings = _apply(default_settings(spec.name), overrides)
+        settings = _apply(default_settings(spec.name, protocol=protocol), overrides)
         target = out or _runs(root) / f"{spec.name}-{predictions.resolve().parent.name}-rescored"
         result = rescore(spec.name, eval_data, predictions, settings=settings, out_dir=target, limit=limit,
                          use_java=use_java)
@@ -113,7 +119,7 @@ def eval_command(
     with stderr.status(f"loading {model_id}", spinner="dots") if stderr.is_terminal else _nothing():
         loaded = load_model(model_id, dtype=torch_dtype, device=torch_device)
     encoder_decoder = bool(getattr(loaded.model, "is_encoder_decoder", False))
-    settings, replaced = resolve_settings(spec.name, loaded.config, encoder_decoder, overrides)
+    settings, replaced = resolve_settings(spec.name, loaded.config, encoder_decoder, overrides, protocol=protocol)
     for line in replaced:
         stderr.print(f"[yellow]{line}[/yellow]", highlight=False)
     target = out or _runs(root) / f"{spec.name}-{_model_name(model_id)}"

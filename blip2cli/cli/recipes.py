@@ -28,7 +28,7 @@ Examples:
 SHOW_EXAMPLES = """
 Examples:
 
-  blip2 recipes show pretrain_stage1_vitg                         # the resolved recipe, every key with its help
+  blip2 recipes show pretrain_stage1_vitg                         # every key with its help, marked against the paper and LAVIS
 
   blip2 recipes show pretrain_stage1_vitg loss.itg=0 optim.betas=[0.9,0.999]   # with overrides applied
 
@@ -71,14 +71,16 @@ def show_command(
     overrides: Optional[List[str]] = typer.Argument(None, help="section.key=value overrides, or ~section.key to reset."),
     comments: bool = typer.Option(True, "--comments/--no-comments", help="Write each key's help line above it."),
 ) -> None:
-    """Print the resolved recipe (file + overrides, validated) as TOML."""
+    """Print the resolved recipe (file + overrides, validated) as TOML; with comments, every key the paper or
+    LAVIS gives a value for is marked "= paper" / "!= paper: VALUE" and "= LAVIS" / "!= LAVIS: VALUE"."""
     from blip2cli.recipes import load_recipe, recipe_to_toml, resolve_recipe_path
+    from blip2cli.references import marked_toml
 
     recipe = load_recipe(name, overrides or [])
     header = f"resolved from {resolve_recipe_path(name)}"
     if overrides:
         header += "\nwith overrides: " + " ".join(overrides)
-    print(recipe_to_toml(recipe, header=header, comments=comments), end="")
+    print(marked_toml(recipe, header) if comments else recipe_to_toml(recipe, header=header, comments=False), end="")
 
 
 @recipes_app.command("copy", epilog=COPY_EXAMPLES)

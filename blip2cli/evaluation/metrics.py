@@ -5,8 +5,10 @@
   and the digit/article/contraction steps, the ten human answers only the punctuation step and only
   when they are not unanimous; each question scores the mean over the ten leave-one-out subsets of
   ``min(1, matches / 3)``; accuracies are ``100 x mean`` rounded to 2 decimals.
-- GQA: exact match of the normalised prediction with the ground-truth answer (LAVIS ``GQATask``).
-- OK-VQA: optional spaCy lemmatisation of nouns and verbs in the predicted answer (LAVIS).
+- GQA: exact match (LAVIS ``GQATask``) of the normalised prediction with the ground-truth answer, itself
+  normalised too ("current", LAVIS today) or compared as given ("release", LAVIS when the paper was written).
+- OK-VQA: spaCy lemmatisation of nouns and verbs in the predicted answer (LAVIS ``apply_lemmatizer``); spaCy
+  is the ``eval`` extra, its English model a separate download (``load_lemmatizer`` says how).
 - Captioning: pycocoevalcap BLEU-1..4, METEOR, ROUGE-L, CIDEr(-D), SPICE after PTB tokenisation.
   Java runs the Stanford PTB tokenizer and METEOR; without Java a pure-Python PTB-style tokenizer is
   used and METEOR/SPICE are reported as skipped. SPICE also needs Stanford CoreNLP 3.6.0, which is
@@ -153,25 +155,42 @@ def vqa_accuracy(predictions: Mapping[str, str], truth: Mapping[str, Mapping[str
     }
 
 
-def gqa_accuracy(predictions: Mapping[str, str], truth: Mapping[str, str]) -> dict[str, Any]:
-    """GQA exact match (LAVIS ``GQATask``): the prediction is normalised like a VQA prediction, the
-    ground-truth answer is compared as given."""
-    hits = [float(normalize_vqa_answer(predictions[k]) == gt) for k, gt in truth.items() if k in predictions]
+def gqa_accuracy(predictions: Mapping[str, str], truth: Mapping[str, str], scoring: str = "current") -> dict[str, Any]:
+    """GQA exact match (LAVIS ``GQATask``). The prediction always gets the VQA normalisation (punctuation,
+    then digits/articles/contractions); the ground-truth answer gets it too with ``scoring="current"``
+    (LAVIS now: "t-shirt" becomes "t shirt" on both sides and matches) and is compared as given with
+    ``"release"`` (LAVIS at release: a ground truth with punctuation, like "t-shirt", can never match)."""
+    if scoring not in ("current", "release"):
+        raise ValueError(f"GQA scoring must be 'current' or 'release', got {scoring!r}")
+    hits = []
+    for key, gt in truth.items():
+        if key not in predictions:
+            continue
+        expected = normalize_vqa_answer(gt) if scoring == "current" else gt
+        hits.append(float(normalize_vqa_answer(predictions[key]) == expected))
     return {"accuracy": _percent(hits), "num_questions": len(hits)}
 
 
 # ============================================================================ OK-VQA lemmatisation
-def load_lemmatizer() -> tuple[Callable[[str], str] | None, str]:
-    """spaCy ``en_core_web_sm`` lemmatiser of nouns and verbs (LAVIS ``_lemmatize``), or ``(None, reason)``
-    when spaCy or its English model is not installed (nothing is downloaded)."""
+SPACY_MODEL_ENV = "BLIP2_SPACY_MODEL"  # a spaCy package name or a path to a model directory
+SPACY_MODEL = "en_core_web_sm"  # LAVIS's
+SPACY_INSTALL = 'pip install -e ".[eval]" && python -m spacy download en_core_web_sm'
+
+
+def load_lemmatizer(model: str | None = None) -> tuple[Callable[[str], str] | None, str]:
+    """spaCy lemmatiser of nouns and verbs (LAVIS ``_lemmatize``) from ``model`` (default: $BLIP2_SPACY_MODEL,
+    else ``en_core_web_sm``; a package name or a model directory), or ``(None, reason)`` when spaCy or the
+    model is missing. Nothing is downloaded; the reason is one line saying how to fetch or point to it."""
+    name = model or os.environ.get(SPACY_MODEL_ENV, "").strip() or SPACY_MODEL
     try:
         import spacy
     except ImportError:
-        return None, "spaCy is not installed (pip install spacy, then the en_core_web_sm model)"
+        return None, f"spaCy is not installed: {SPACY_INSTALL}"
     try:
-        nlp = spacy.load("en_core_web_sm")
+        nlp = spacy.load(name)
     except OSError:
-        return None, "spaCy's en_core_web_sm model is not installed"
+        return None, (f"spaCy model {name!r} is not installed: python -m spacy download {SPACY_MODEL}, "
+                      f"or point {SPACY_MODEL_ENV} at a local copy")
 
     def lemmatize(answer: str) -> str:
         return " ".join(t.lemma_ if t.pos_ in ("NOUN", "VERB") else t.text for t in nlp(answer))

@@ -12,6 +12,7 @@ from blip2cli.evaluation.runner import METRICS_JSON
 from blip2cli.evaluation.tasks import HEADLINE_METRICS, PAPER_MODELS, paper_model_key, paper_numbers, task_spec
 
 WARNING_MARK = "⚠"  # marks a value whose run's outputs look degenerate (``output_stats`` warnings)
+UNLEMMATIZED_MARK = "†"  # marks an OK-VQA accuracy computed without the lemmatiser the paper's protocol applies
 
 
 def load_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -37,9 +38,25 @@ def output_warnings(metrics: dict[str, Any]) -> list[str]:
     return [str(w) for w in warnings] if isinstance(warnings, list) else []
 
 
+def protocol_label(metrics: dict[str, Any]) -> str:
+    """Whose settings a run used: its ``protocol`` ("paper" / "lavis"; "—" before it was recorded), plus the
+    GQA scoring ("gqa current" / "gqa release")."""
+    settings = metrics.get("settings") if isinstance(metrics.get("settings"), dict) else {}
+    label = str(metrics.get("protocol") or settings.get("protocol") or "—")
+    scoring = metrics.get("gqa_scoring")
+    return f"{label}, gqa {scoring}" if scoring else label
+
+
+def unlemmatized(metrics: dict[str, Any]) -> bool:
+    """An OK-VQA run whose answers were not lemmatised (spaCy missing, or ``--no-lemmatize``): the paper's
+    protocol lemmatises them, so the figure is not comparable. Runs that did not record it count as such."""
+    return task_spec(metrics["task"]).name == "okvqa" and metrics.get("lemmatized") is not True
+
+
 def report_rows(run_dirs: list[str | os.PathLike]) -> list[dict[str, Any]]:
     """One row per (run, headline metric): run, task, split, model, paper row, metric, value, paper, delta,
-    num_items, warnings (the run's output sanity notes)."""
+    num_items, protocol (``protocol_label``), unlemmatized (``unlemmatized``), warnings (the run's output
+    sanity notes)."""
     rows = []
     for run_dir in run_dirs:
         metrics = load_metrics(run_dir)
@@ -55,7 +72,8 @@ def report_rows(run_dirs: list[str | os.PathLike]) -> list[dict[str, Any]]:
             delta = value - reference if isinstance(value, (int, float)) and reference is not None else None
             rows.append({"run": str(run_dir), "task": spec.name, "split": metrics.get("split", ""), "model": model,
                          "paper_model": paper_row, "metric": name, "value": value, "paper": reference, "delta": delta,
-                         "num_items": metrics.get("num_items"), "warnings": output_warnings(metrics)})
+                         "num_items": metrics.get("num_items"), "protocol": protocol_label(metrics),
+                         "unlemmatized": unlemmatized(metrics), "warnings": output_warnings(metrics)})
     return rows
 
 
@@ -64,24 +82,34 @@ def report_table(run_dirs: list[str | os.PathLike]):
     from rich.table import Table
 
     table = Table(title="blip2 eval: runs vs the paper")
-    for column in ("run", "task", "split", "items", "model (paper row)", "metric", "value", "paper", "Δ"):
+    columns = ("run", "task", "split", "items", "model (paper row)", "protocol", "metric", "value", "paper", "Δ")
+    for column in columns:
         table.add_column(column, justify="right" if column in ("items", "value", "paper", "Δ") else "left")
-    flagged = False
+    flagged = unlemmatized_seen = False
     for row in report_rows(run_dirs):
         model = Path(row["model"]).name if row["model"] else ""
         if row["paper_model"]:
             model += f" ({row['paper_model']})"
         value = "skipped" if row["value"] is None else _fmt(row["value"])
+        if row["unlemmatized"]:
+            value = f"{UNLEMMATIZED_MARK} {value}"
+            unlemmatized_seen = True
         if row["warnings"]:
             value = f"{WARNING_MARK} {value}"
             flagged = True
         table.add_row(
-            Path(row["run"]).name, row["task"], row["split"], _fmt(row["num_items"], 0), model, row["metric"],
-            value, _fmt(row["paper"]), _fmt(row["delta"], signed=True),
+            Path(row["run"]).name, row["task"], row["split"], _fmt(row["num_items"], 0), model, row["protocol"],
+            row["metric"], value, _fmt(row["paper"]), _fmt(row["delta"], signed=True),
         )
+    captions = []
     if flagged:
-        table.caption = (f"{WARNING_MARK}: suspicious outputs (many empty or identical ones, or one over-predicted answer); "
-                         f"see the notes in the run's {METRICS_JSON}")
+        captions.append(f"{WARNING_MARK}: suspicious outputs (many empty or identical ones, or one over-predicted answer); "
+                        f"see the notes in the run's {METRICS_JSON}")
+    if unlemmatized_seen:
+        captions.append(f"{UNLEMMATIZED_MARK}: OK-VQA answers not lemmatised (spaCy or its model missing, or "
+                        "--no-lemmatize): not comparable with the paper's figure")
+    if captions:
+        table.caption = "\n".join(captions)
     return table
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -540,29 +540,37 @@ def output_stats(data: EvalData, outputs: dict[str, str], answers: dict[str, str
 
 
 def score_outputs(data: EvalData, outputs: dict[str, str], settings: EvalSettings,
-                  use_java: bool | None = None) -> tuple[dict[str, Any], Any]:
+                  use_java: bool | None = None,
+                  lemmatizer: Callable[[str], str] | None = None) -> tuple[dict[str, Any], Any]:
     """Metrics and the official submission (predictions JSON) for generated outputs keyed by item key.
 
-    The metrics carry ``output_stats`` (see ``output_stats``); its warnings are appended to ``notes``."""
+    The metrics carry ``output_stats`` (see ``output_stats``); its warnings are appended to ``notes``.
+    VQA/GQA metrics also say whether the answers were ``lemmatized`` (OK-VQA's protocol; with
+    ``settings.lemmatize``, by ``lemmatizer`` or else spaCy's, and false with a note when spaCy is missing)
+    and, for GQA, the ``gqa_scoring`` used."""
     items = [it for it in data.items if it.key in outputs]
     notes: list[str] = []
     skipped: list[str] = []
     answers: dict[str, str] | None = None  # VQA/GQA answers as scored
+    lemmatized = False
     if data.kind in ("vqa", "gqa"):
         answers = {it.key: outputs[it.key] for it in items}
         if settings.lemmatize:
-            lemmatize, reason = M.load_lemmatizer()
+            lemmatize, reason = (lemmatizer, "") if lemmatizer is not None else M.load_lemmatizer()
             if lemmatize is None:
-                notes.append(f"answer lemmatisation skipped: {reason}")
+                notes.append(f"answer lemmatisation skipped, so the accuracy is not comparable with the paper's: {reason}")
                 skipped.append("lemmatization")
             else:
                 answers = {k: lemmatize(v) for k, v in answers.items()}
+                lemmatized = True
         if data.kind == "vqa":
             submission = [{"question_id": it.id, "answer": answers[it.key]} for it in items]
             metrics = M.vqa_accuracy(answers, data.vqa_truth) if data.vqa_truth else {}
         else:
             submission = [{"questionId": it.id, "prediction": answers[it.key]} for it in items]
-            metrics = M.gqa_accuracy(answers, data.gqa_truth) if data.gqa_truth else {}
+            metrics = M.gqa_accuracy(answers, data.gqa_truth, settings.gqa_scoring) if data.gqa_truth else {}
+            metrics["gqa_scoring"] = settings.gqa_scoring
+        metrics["lemmatized"] = lemmatized
     elif data.kind == "caption":
         submission = [{"image_id": it.id, "caption": outputs[it.key]} for it in items]
         metrics = {}
@@ -607,6 +615,18 @@ def _fingerprint(data: EvalData, model_name: str, settings: EvalSettings) -> dic
     return {"task": data.task, "split": data.split, "model": model_name, "settings": settings.to_dict()}
 
 
+# Settings that change how outputs are scored or labelled, not the outputs: a resumed run may change them.
+SCORING_ONLY_SETTINGS = ("lemmatize", "gqa_scoring", "protocol")
+
+
+def _comparable(fingerprint: dict[str, Any], known: dict[str, Any]) -> dict[str, Any]:
+    """``fingerprint`` without the scoring-only settings and without settings ``known`` (an earlier run's
+    settings) lacks, which a run by an older version did not record."""
+    settings = {k: v for k, v in fingerprint.get("settings", {}).items()
+                if k not in SCORING_ONLY_SETTINGS and k in known}
+    return {**fingerprint, "settings": settings}
+
+
 def _prepare_out_dir(out_dir: Path, fingerprint: dict[str, Any], restart: bool, store: PredictionStore) -> None:
     run_file = out_dir / RUN_JSON
     if restart:
@@ -616,6 +636,9 @@ def _prepare_out_dir(out_dir: Path, fingerprint: dict[str, Any], restart: bool, 
             previous = json.loads(run_file.read_text()).get("fingerprint")
         except (OSError, json.JSONDecodeError):
             previous = None
+        if previous is not None:
+            known = previous.get("settings", {})
+            previous, fingerprint = _comparable(previous, known), _comparable(fingerprint, known)
         if previous is not None and previous != fingerprint:
             changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
             if "settings" in changed:
@@ -711,7 +734,7 @@ def run_eval(
         else:
             metrics, submission = score_outputs(data, outputs, settings, use_java=use_java)
         metrics.update(task=spec.name, split=data.split, model=parts.name, num_items=len(data.items),
-                       settings=settings.to_dict())
+                       protocol=settings.protocol, settings=settings.to_dict())
         if out is not None:
             run_info = {"fingerprint": fingerprint, "generated": generated, "reused": reused, "limit": limit,
                         "world_size": world, "seconds": round(time.time() - started, 2)}
@@ -810,7 +833,7 @@ def rescore(
         if missing:
             metrics.setdefault("notes", []).append(f"{missing} items have no prediction and were not scored")
     metrics.update(task=spec.name, split=data.split, model=str(predictions), num_items=len(data.items),
-                   settings=settings.to_dict())
+                   protocol=settings.protocol, settings=settings.to_dict())
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         write_outputs(out, metrics, submission, {"fingerprint": _fingerprint(data, str(predictions), settings),

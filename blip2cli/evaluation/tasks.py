@@ -49,9 +49,19 @@ def task_spec(name: str) -> TaskSpec:
 
 
 # ============================================================================ protocol settings
-VQA_PROMPT_ENCODER_DECODER = "Question: {} Short answer:"  # FlanT5 (paper and LAVIS configs)
+VQA_PROMPT_ENCODER_DECODER = "Question: {} Short answer:"  # FlanT5 (paper and LAVIS configs); OPT in LAVIS's configs
 VQA_PROMPT_DECODER_ONLY = "Question: {} Answer:"  # the paper's OPT prompt
 CAPTION_PROMPT = "a photo of"
+
+# Whose generation settings: "paper" (the paper's text: OPT answers "Question: {} Answer:", length penalty -1
+# with beam 5 for every LLM) or "lavis" (LAVIS's zero-shot VQA configs and model defaults: "Question: {} Short
+# answer:" for every LLM, length penalty 0 for OPT and -1 for FlanT5). Captioning and retrieval are the same
+# in both (LAVIS's release-time caption defaults, which the paper's numbers used).
+PROTOCOLS = ("paper", "lavis")
+# GQA exact match: "current" normalises the prediction and the ground truth (LAVIS today, so "t-shirt"
+# matches "t-shirt"); "release" normalises the prediction only (LAVIS at release, when the paper's numbers
+# were computed).
+GQA_SCORINGS = ("current", "release")
 
 
 @dataclass
@@ -65,6 +75,8 @@ class EvalSettings:
     length_penalty: float = 1.0
     repetition_penalty: float = 1.0
     lemmatize: bool = False  # OK-VQA: spaCy lemmatisation of predicted nouns and verbs
+    protocol: str = "paper"  # whose generation defaults these are (PROTOCOLS)
+    gqa_scoring: str = "current"  # GQA: which side(s) of the exact match are normalised (GQA_SCORINGS)
     k_test: int = 128  # retrieval: ITC candidates re-ranked by ITM
     text_max_length: int = 35  # retrieval: Q-Former text length
 
@@ -77,24 +89,36 @@ class EvalSettings:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def default_settings(task: str, is_encoder_decoder: bool = False) -> EvalSettings:
-    """The paper's protocol for ``task`` and the LLM family (spec (g)).
+def default_settings(task: str, is_encoder_decoder: bool = False, protocol: str = "paper") -> EvalSettings:
+    """The ``protocol``'s settings for ``task`` and the LLM family (spec (g), ``PROTOCOLS``).
 
-    VQA: beam 5, 1-10 new tokens, length penalty -1 for FlanT5 and 0 for OPT; the prompt per family.
+    VQA: beam 5, 1-10 new tokens; "paper": the prompt per family and length penalty -1; "lavis":
+    "Question: {} Short answer:" and length penalty -1 for FlanT5, 0 for OPT. OK-VQA lemmatises answers.
     Captioning: prompt "a photo of", beam 5, 8-30 new tokens, length and repetition penalty 1.0.
     Retrieval: k_test 128, texts of 35 tokens.
     """
+    if protocol not in PROTOCOLS:
+        raise Blip2Error(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     spec = task_spec(task)
     if spec.kind in ("vqa", "gqa"):
-        return EvalSettings(
-            prompt=VQA_PROMPT_ENCODER_DECODER if is_encoder_decoder else VQA_PROMPT_DECODER_ONLY,
-            num_beams=5, max_new_tokens=10, min_new_tokens=1,
-            length_penalty=-1.0 if is_encoder_decoder else 0.0,
-            lemmatize=spec.name == "okvqa",
-        )
+        if protocol == "paper":
+            prompt = VQA_PROMPT_ENCODER_DECODER if is_encoder_decoder else VQA_PROMPT_DECODER_ONLY
+            length_penalty = -1.0
+        else:
+            prompt = VQA_PROMPT_ENCODER_DECODER
+            length_penalty = -1.0 if is_encoder_decoder else 0.0
+        return EvalSettings(prompt=prompt, num_beams=5, max_new_tokens=10, min_new_tokens=1,
+                            length_penalty=length_penalty, lemmatize=spec.name == "okvqa", protocol=protocol)
     if spec.kind == "caption":
-        return EvalSettings(prompt=CAPTION_PROMPT, num_beams=5, max_new_tokens=30, min_new_tokens=8)
-    return EvalSettings(prompt="", num_beams=0, max_new_tokens=0, min_new_tokens=0)
+        return EvalSettings(prompt=CAPTION_PROMPT, num_beams=5, max_new_tokens=30, min_new_tokens=8, protocol=protocol)
+    return EvalSettings(prompt="", num_beams=0, max_new_tokens=0, min_new_tokens=0, protocol=protocol)
+
+
+def check_gqa_scoring(scoring: str) -> str:
+    """``scoring`` if it is one of ``GQA_SCORINGS``, else a one-line error."""
+    if scoring not in GQA_SCORINGS:
+        raise Blip2Error(f"unknown GQA scoring {scoring!r}; choose one of {', '.join(GQA_SCORINGS)}")
+    return scoring
 
 
 def generation_kind(task: str) -> str | None:
@@ -104,12 +128,13 @@ def generation_kind(task: str) -> str | None:
 
 
 def resolve_settings(
-    task: str, config: Any = None, is_encoder_decoder: bool = False, overrides: dict[str, Any] | None = None
+    task: str, config: Any = None, is_encoder_decoder: bool = False, overrides: dict[str, Any] | None = None,
+    protocol: str = "paper",
 ) -> tuple[EvalSettings, list[str]]:
-    """The settings ``task`` runs with: the protocol's defaults, then what the checkpoint was trained with
+    """The settings ``task`` runs with: the ``protocol``'s defaults, then what the checkpoint was trained with
     (``config.stored_generation``: its prompt and generation settings), then ``overrides`` (command-line
     flags; None = not given). Returns one line per flag that replaces a value the checkpoint stored."""
-    settings = default_settings(task, is_encoder_decoder)
+    settings = default_settings(task, is_encoder_decoder, protocol)
     kind = generation_kind(task)
     stored = config.stored_generation(kind) if (config is not None and kind) else {}
     for key, value in stored.items():

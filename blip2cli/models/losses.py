@@ -118,14 +118,15 @@ def itc_loss(
     temp: torch.Tensor,
     *,
     label_smoothing: float = 0.0,
-    gather_with_grad: bool = True,
+    gather_with_grad: bool = False,
     image_ids: torch.Tensor | None = None,
 ) -> ItcOutput:
     """Image-text contrastive loss with in-batch negatives from every rank (spec section (b)).
 
     ``image_feats`` (B, NQ, D) and ``text_feats`` (B, D) are the local, normalised projections; ``temp``
-    the (learnable) temperature. Columns are the gathered batch of B·W: ``gather_with_grad=True`` lets the
-    gradient flow into other ranks' features (exact big-batch gradient); ``False`` is LAVIS's no-grad gather.
+    the (learnable) temperature. Columns are the gathered batch of B·W: ``gather_with_grad=False`` (the
+    default) is LAVIS's no-grad ``concat_all_gather``; ``True`` lets the gradient flow into other ranks'
+    features (the exact big-batch gradient).
 
     ``image_ids`` (B,) switches to the retrieval-finetune targets: every same-image column is a positive,
     target row = (1 - ε)·pos/Σpos + ε/N with ε = ``label_smoothing``. With one positive per row this is

@@ -31,9 +31,9 @@ from blip2cli.models.config import Blip2ModelConfig
 from blip2cli.models.losses import (
     ItcOutput,
     at_least_fp32,
-    gather,
     gather_no_grad,
     gather_padded,
+    gather_with_grad,
     itc_loss,
     query_max_similarity,
     same_image,
@@ -47,7 +47,8 @@ IGNORE_INDEX = -100
 
 @dataclass
 class Stage1LossConfig:
-    """How the stage-1 loss is put together. Defaults reproduce LAVIS ``Blip2Qformer``."""
+    """How the stage-1 loss is put together. Defaults reproduce LAVIS ``Blip2Qformer`` (label smoothing
+    0.1, no temperature clamp, no-grad ITC gather, ITM negative images gathered with gradient)."""
 
     # Total loss = Σ weight·loss. A weight of 0 switches that objective off and skips its computation
     # (ITC similarities are still computed, without gradient, when ITM needs them for hard negatives).
@@ -60,10 +61,12 @@ class Stage1LossConfig:
     # (min, max) clamp applied in place to the temperature before each forward, as BLIP/ALBEF do with
     # (0.001, 0.5). None = no clamp, as in BLIP-2.
     temp_clamp: tuple[float, float] | None = None
-    # Gather other ranks' ITC features (and ITM negative images) with autograd, giving the exact gradient
-    # of one big batch. False = LAVIS's no-grad ``concat_all_gather`` (identical loss, different gradient
-    # under W > 1).
-    gather_with_grad: bool = True
+    # How other ranks' ITC features are gathered. False (LAVIS, the default): ``concat_all_gather``, no
+    # gradient, so a feature gets gradient only as the anchor of its own rows. True (ours): with autograd,
+    # giving the exact gradient of one big batch of B·W. Same loss either way; the gradients differ under
+    # W > 1. ITM's negative images are gathered *with* gradient in both modes, as LAVIS does
+    # (``all_gather_with_grad``); ITM's negative texts are token ids, gathered as constants.
+    gather_with_grad: bool = False
     # Retrieval finetuning (LAVIS commit 93e0179): samples with equal ``image_ids`` are all positives for
     # ITC (soft targets) and never drawn as ITM negatives. Needs ``image_ids`` in ``forward``; without this
     # flag ``image_ids`` is ignored (LAVIS switched on the mere presence of the key).
@@ -271,9 +274,11 @@ class Blip2Stage1Model(Blip2Base):
         A negative that does not exist (global batch of 1) still runs, with weight 0: no host sync, and
         the shapes stay static.
         """
-        cfg = self.loss_config
         batch = input_ids.shape[0]
-        image_all = gather(image_embeds, cfg.gather_with_grad)
+        # With gradient whatever loss_config.gather_with_grad says: LAVIS gathers the ITM images with
+        # ``all_gather_with_grad``, so an image drawn as another rank's negative sends its gradient home
+        # (into ln_vision, and into the ViT when it trains).
+        image_all = gather_with_grad(image_embeds)
         ids_all = gather_padded(input_ids, self.pad_token_id)
         mask_all = gather_padded(attention_mask, 0)
         # Ranks may pad their text differently; bring the local text to the gathered length.

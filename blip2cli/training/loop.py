@@ -110,6 +110,7 @@ def train(
     SIGUSR1 saves a checkpoint after the current step and raises ``TrainingStopped`` on every rank.
     """
     env = init_distributed(device)
+    accumulation = _accumulation_steps(recipe, env)  # before any model is built: a refusal costs nothing
     console = console or Console(stderr=True)
     say = console.print if env.is_main else (lambda *a, **k: None)
     lock = RunLock(run_dir, say=say) if env.is_main and not dry_run else nullcontext()
@@ -137,7 +138,6 @@ def _train(recipe: Recipe, run_dir: Path, shards: list[str], resume: str | None,
     counts = model.parameter_counts()
     say(f"model: {counts['trainable']:,} trainable / {counts['frozen']:,} frozen parameters")
 
-    accumulation = _accumulation_steps(recipe, env)
     amp_dtype = AMP_DTYPES.get(recipe.train.precision)
     if amp_dtype is torch.bfloat16 and env.device.type == "cuda" and not torch.cuda.is_bf16_supported():
         amp_dtype = torch.float16  # bf16 where supported, fp16 with loss scaling otherwise
@@ -238,7 +238,7 @@ def _train(recipe: Recipe, run_dir: Path, shards: list[str], resume: str | None,
 
             if step % recipe.train.log_every == 0 or step == recipe.train.max_steps:
                 now = time.perf_counter()
-                record = {"step": step, "lr": lr, **mean_across_ranks(sums, env)}
+                record = {"step": step, "lr": lr, **mean_across_ranks(sums, env), **_contrastive(recipe, env)}
                 record["samples_per_s"] = samples_since_log / max(now - last_log_time, 1e-9)
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm
@@ -323,13 +323,13 @@ def _needs_corpus(recipe: Recipe) -> bool:
 
 
 def _accumulation_steps(recipe: Recipe, env: DistEnv) -> int:
-    per_step = recipe.data.micro_batch_size * env.world_size
-    if recipe.data.global_batch_size % per_step:
-        raise Blip2Error(
-            f"data.global_batch_size={recipe.data.global_batch_size} is not a multiple of "
-            f"data.micro_batch_size x processes = {recipe.data.micro_batch_size} x {env.world_size}"
-        )
-    return recipe.data.global_batch_size // per_step
+    return recipe.accumulation_steps(env.world_size)  # refuses stage-1 contrastive accumulation unless allowed
+
+
+def _contrastive(recipe: Recipe, env: DistEnv) -> dict[str, int]:
+    """Stage 1: the samples each ITC softmax / ITM negative pool spans, and the ITC negatives per sample."""
+    batch = recipe.contrastive_batch(env.world_size)
+    return {} if batch is None else {"contrastive_batch": batch, "itc_negatives": batch - 1}
 
 
 def _use_fsdp(recipe: Recipe, env: DistEnv, say) -> bool:

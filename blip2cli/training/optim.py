@@ -16,22 +16,26 @@ from blip2cli.recipes import OptimSection, Recipe
 SCHEDULE_KEYS = ("lr", "min_lr", "warmup_steps", "warmup_start_lr", "schedule")
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices; never decay biases, norms or other 1-D/0-D tensors.
+def parameter_groups(model: nn.Module, weight_decay: float, rule: str = "ours") -> list[dict]:
+    """AdamW groups: ``[decayed, not decayed]`` (``optim.weight_decay_groups``).
 
-    LAVIS's rule ("1-D or bias -> no decay") puts the 0-dim temperature and the (1, NQ, D) query tokens in
-    the *decay* group by accident of their shapes. We decide explicitly: the temperature is a scalar
-    hyper-parameter (no decay); the query tokens are embeddings, which BERT-style training does not
-    decay either.
+    ``"lavis"``: LAVIS ``get_optimizer_params`` (``blip2.py``): ``len(shape) == 1`` or a name ending in
+    ``.bias`` -> no decay, everything else decays, so the 0-dim temperature and the (1, NQ, D) query tokens
+    are decayed by accident of their shapes. ``"ours"``: never decay biases, norms or other 0-/1-D tensors,
+    nor the query tokens (embeddings, which BERT-style training does not decay) and the temperature (a
+    scalar hyper-parameter). The paper states only the rate (0.05).
     """
+    if rule not in ("ours", "lavis"):
+        raise ValueError(f"weight-decay rule must be 'ours' or 'lavis', got {rule!r}")
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim <= 1 or name.endswith(".bias") or name.endswith("query_tokens") or name.endswith("temp"):
-            no_decay.append(param)
+        if rule == "lavis":
+            exempt = param.ndim == 1 or name.endswith(".bias")
         else:
-            decay.append(param)
+            exempt = param.ndim <= 1 or name.endswith((".bias", "query_tokens", "temp"))
+        (no_decay if exempt else decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -39,7 +43,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.AdamW:
-    groups = parameter_groups(model, optim.weight_decay)
+    groups = parameter_groups(model, optim.weight_decay, optim.weight_decay_groups)
     # lr is set by the schedule before every step; the value here only seeds the groups.
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
 
