@@ -38,6 +38,7 @@ from blip2cli.cli import demo as _demo  # noqa: E402,F401
 from blip2cli.cli import capfilt as _capfilt  # noqa: E402,F401
 from blip2cli.cli import caption as _caption  # noqa: E402,F401
 from blip2cli.cli import download as _download  # noqa: E402,F401
+from blip2cli.cli import embed as _embed  # noqa: E402,F401  (embed, match, search)
 from blip2cli.cli import eval as _eval  # noqa: E402,F401
 from blip2cli.cli import export as _export  # noqa: E402,F401
 from blip2cli.cli import plot as _plot  # noqa: E402,F401

@@ -43,7 +43,7 @@ def load_assistant(model: str, device: str, dtype: str, quantize: Optional[str],
     from blip2cli.inference import Blip2Assistant
     from blip2cli.inference.lowmem import load_for_inference
 
-    with stderr.status(f"loading {model}", spinner="dots") if stderr.is_terminal else _nothing():
+    with stderr.status(f"loading {model}", spinner="dots") if stderr.is_terminal else nothing():
         loaded, torch_device = load_for_inference(model, device_for_rank(device), dtype, quantize, device_map)
     return Blip2Assistant(loaded, torch_device)
 
@@ -87,7 +87,7 @@ def run_many(assistant, jobs, prompt: str, options, model: str, out: Optional[Pa
         stderr.print(f"... and {len(result.failed) - 5} more", highlight=False)
 
 
-class _nothing:
+class nothing:
     def __enter__(self):
         return self
 
