@@ -231,3 +231,45 @@ def test_one_line_errors(models, photos, tmp_path, monkeypatch, capsys):
         err = capsys.readouterr().err
         lines = [line for line in err.splitlines() if line.strip()]
         assert exit_info.value.code == 1 and len(lines) == 1 and message in lines[0], (args, err)
+
+
+def test_out_shards_carry_the_captions(models, tmp_path):
+    from blip2cli.data.capfilt import read_samples
+
+    shards = tiny.write_shards(tmp_path / "shards", num_shards=2, per_shard=3, corrupt=1)
+    out_dir = tmp_path / "captioned"
+    args = ["caption", tmp_path / "shards" / "*.tar", "--model", models["opt"], "--out-shards", out_dir,
+            "--num-beams", 1, "--max-new-tokens", 4, "--workers", 0]
+    result = _invoke(*args)
+    assert "2 shards written" in result.stderr and "2 without an output left out" in result.stderr
+    captions = {(r["shard"], r["key"]): r["caption"] for r in _records(out_dir / "outputs.jsonl")}
+    for shard in shards:
+        originals = dict(read_samples(shard))
+        rewritten = list(read_samples(out_dir / Path(shard).name))
+        assert [key for key, _ in rewritten] == [key for key in originals][:3]  # the corrupt sample is left out
+        for key, members in rewritten:
+            by_ext = {info.name.split(".", 1)[1]: data for info, data in members}
+            meta = json.loads(by_ext["json"])
+            original = {info.name.split(".", 1)[1]: data for info, data in originals[key]}
+            assert meta["blip2_caption"] == captions[(shard, key)] and meta["blip2_caption"] != ""
+            assert meta["caption"] == json.loads(original["json"])["caption"]  # the web caption stays
+            assert by_ext["jpg"] == original["jpg"] and by_ext["txt"] == original["txt"]
+    again = _invoke(*args)  # nothing left to do
+    assert "0 generated" in again.stderr and "2 already there" in again.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_data_parallel_equals_one_process(models, photos, tmp_path):
+    """Two ranks under torchrun (gloo, CPU): each captions half; rank 0 folds rank 1's part into --out."""
+    args = ["caption", str(photos), "--model", str(models["opt"]), "--num-beams", "2", "--max-new-tokens", "4",
+            "--workers", "0", "--batch-size", "1", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "blip2cli",
+                          *args, "--out", str(tmp_path / "dp.jsonl")], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "6 generated" in run.stderr and run.stderr.count("generated") == 1  # rank 0 alone reports
+    assert not list(tmp_path.glob("dp.jsonl.rank*"))
+    _invoke(*args, "--out", tmp_path / "one.jsonl")
+    one = {r["image"]: r["caption"] for r in _records(tmp_path / "one.jsonl")}
+    assert {r["image"]: r["caption"] for r in _records(tmp_path / "dp.jsonl")} == one

@@ -35,6 +35,7 @@ DEVICE_MAP = typer.Option(None, "--device-map", help="'auto': spread the frozen 
 OUT = typer.Option(None, "--out", "-o", help="JSONL output, one record per image, written as it goes; rerun to resume [default: stdout, not resumable].")
 BATCH_SIZE = typer.Option(8, "--batch-size", min=1, help="Images per generation batch.")
 WORKERS = typer.Option(min(4, os.cpu_count() or 1), "--workers", min=0, help="Image-decoding worker processes.")
+OUT_SHARDS = typer.Option(None, "--out-shards", help="Also write copies of the input .tar shards here, each {key}.json gaining blip2_caption (or blip2_question/blip2_answer) [JSONL default: DIR/outputs.jsonl].")
 RESTART = typer.Option(False, "--restart", help="Discard the records already in --out and start over.")
 
 
@@ -65,11 +66,19 @@ def print_notes(notes) -> None:
 
 
 def run_many(assistant, jobs, prompt: str, options, model: str, out: Optional[Path], batch_size: int, workers: int,
-             restart: bool) -> None:
-    """Batched generation over ``jobs`` into ``out`` (or stdout), then a one-line summary on stderr."""
+             restart: bool, out_shards: Optional[Path] = None) -> None:
+    """Batched generation over ``jobs`` into ``out`` (or stdout), then a one-line summary on stderr; with
+    ``out_shards``, the input shards rewritten with the outputs."""
+    from blip2cli.errors import Blip2Error
     from blip2cli.evaluation.runner import rank_and_world
-    from blip2cli.inference.batch import BatchSettings, run_batch
+    from blip2cli.inference.batch import BatchSettings, run_batch, write_output_shards
     from blip2cli.training.distributed import process_group_ended
+
+    shards = sorted({job.image.source for job in jobs if job.image.member is not None})
+    if out_shards is not None:
+        if not shards:
+            raise Blip2Error("--out-shards needs .tar shards as input")
+        out = out if out is not None else out_shards / "outputs.jsonl"
 
     model_id = str(Path(model).expanduser().resolve()) if Path(model).expanduser().is_dir() else model
     settings = BatchSettings(model=model_id, prompt=prompt, options=options)
@@ -80,11 +89,16 @@ def run_many(assistant, jobs, prompt: str, options, model: str, out: Optional[Pa
         return
     where = f" -> {result.out}" if result.out is not None else ""
     stderr.print(f"{result.generated} generated ({result.images_per_second:.2f} images/s), {result.reused} already "
-                 f"done, {len(result.failed)} unreadable skipped{where}", highlight=False)
+                 f"done, {len(result.failed)} unreadable skipped{where}", highlight=False, soft_wrap=True)
     for key, reason in result.failed[:5]:
-        stderr.print(f"[red]skipped[/red] {reason}", highlight=False)
+        stderr.print(f"[red]skipped[/red] {reason}", highlight=False, soft_wrap=True)
     if len(result.failed) > 5:
         stderr.print(f"... and {len(result.failed) - 5} more", highlight=False)
+    if out_shards is not None:
+        counts = write_output_shards(out, out_shards, shards)
+        stderr.print(f"{counts['shards']} shards written to {out_shards} ({counts['skipped_shards']} already there), "
+                     f"{counts['samples']} samples, {counts['left_out']} without an output left out", highlight=False,
+                     soft_wrap=True)
 
 
 class nothing:

@@ -57,6 +57,7 @@ def ask(
     out: Optional[Path] = G.OUT,
     batch_size: int = G.BATCH_SIZE,
     workers: int = G.WORKERS,
+    out_shards: Optional[Path] = G.OUT_SHARDS,
     restart: bool = G.RESTART,
 ) -> None:
     """Caption an image, or answer a question about it (or about many images: see the examples)."""
@@ -68,7 +69,7 @@ def ask(
     from blip2cli.inference import GenerationOptions
     from blip2cli.inference.inputs import names_many_images
 
-    many = questions is not None or out is not None or (image is not None and names_many_images(image))
+    many = questions is not None or out is not None or out_shards is not None or (image is not None and names_many_images(image))
     if many and interactive:
         raise Blip2Error("--interactive takes one image, not a folder, list, shards, --questions or --out")
     if questions is not None and (image is not None or question is not None):
@@ -102,7 +103,7 @@ def ask(
 
             jobs = question_jobs(refs, question) if question else caption_jobs(refs)
         prompt_used, options_used = (template, vqa_options) if asks else (caption_prompt, caption_options)
-        G.run_many(assistant, jobs, prompt_used, options_used, model, out, batch_size, workers, restart)
+        G.run_many(assistant, jobs, prompt_used, options_used, model, out, batch_size, workers, restart, out_shards)
         return
 
     def options(is_question: bool) -> GenerationOptions:

@@ -22,6 +22,8 @@ Examples:
 
   blip2 caption photo.jpg --prompt "a photo of"           # JSON lines on stdout without --out
 
+  blip2 caption "shards/*.tar" --out-shards captioned/     # shards again, json["blip2_caption"] added
+
   torchrun --nproc-per-node 4 -m blip2cli caption photos/ --out captions.jsonl    # data-parallel
 
 Each record is {"image": PATH, "caption": TEXT} ({"shard", "key", "caption"} for shards). Rerun the same
@@ -51,6 +53,7 @@ def caption(
     out: Optional[Path] = G.OUT,
     batch_size: int = G.BATCH_SIZE,
     workers: int = G.WORKERS,
+    out_shards: Optional[Path] = G.OUT_SHARDS,
     restart: bool = G.RESTART,
 ) -> None:
     """Caption many images in batches: one JSON record per image, resumable."""
@@ -69,4 +72,4 @@ def caption(
     fixed = dict(repetition_penalty=repetition_penalty, sample=sample, top_p=top_p, temperature=temperature)
     caption_prompt, options, notes = assistant.resolve("caption", flags, **fixed)
     G.print_notes(notes)
-    G.run_many(assistant, jobs, caption_prompt, options, model, out, batch_size, workers, restart)
+    G.run_many(assistant, jobs, caption_prompt, options, model, out, batch_size, workers, restart, out_shards)

@@ -289,3 +289,45 @@ def run_batch(
 def _print_record(record: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
     sys.stdout.flush()
+
+
+# ============================================================================ webdataset output
+def write_output_shards(out: str | os.PathLike, out_dir: str | os.PathLike, shards: Sequence[str]) -> dict[str, int]:
+    """Copies of the input ``shards`` in ``out_dir`` (same file names) whose ``{key}.json`` gains the sample's
+    output from the JSONL ``out`` (``blip2_caption``, or ``blip2_question`` and ``blip2_answer``; the web
+    caption and every other member stay as they were); samples without an output
+    (unreadable images) are left out and counted. A shard is written to ``NAME.part`` and renamed when
+    complete; shards already in ``out_dir`` are skipped, so a rerun writes only what is missing."""
+    import tarfile
+
+    from blip2cli.data.capfilt import _meta, read_samples, write_sample
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs = {record_id(r)[0]: r for r in iter_records(out)} if Path(out).exists() else {}
+    counts = {"shards": 0, "skipped_shards": 0, "samples": 0, "left_out": 0}
+    names = [Path(s).name for s in shards]
+    if len(set(names)) != len(names):
+        raise Blip2Error("--out-shards needs input shards with distinct file names")
+    for shard, name in zip(shards, names):
+        target = out_dir / name
+        if target.exists():
+            counts["skipped_shards"] += 1
+            continue
+        tmp = target.with_name(name + ".part")
+        try:
+            with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+                for key, members in read_samples(shard):
+                    record = outputs.get(f"{shard}/{key}")
+                    if record is None:
+                        counts["left_out"] += 1
+                        continue
+                    meta = _meta(members)
+                    meta.update({f"blip2_{k}": v for k, v in record.items() if k in ("caption", "question", "answer")})
+                    write_sample(tar, key, members, meta)
+                    counts["samples"] += 1
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        counts["shards"] += 1
+    return counts

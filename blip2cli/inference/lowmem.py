@@ -94,7 +94,21 @@ def load_for_inference(
     if not placement:
         return load_model(model, dtype=torch_dtype, device=device), device
     loaded = load_model(model, placement=placement)
+    _trainable_parts_in_fp32(loaded.model)
     return loaded, input_device(loaded.model)
+
+
+def _trainable_parts_in_fp32(model) -> None:
+    """transformers casts every unquantized weight to ``dtype``; BLIP-2 keeps the parts it trains (queries,
+    Q-Former, ``ln_vision``, projections) in fp32, as ``load_model`` does. Offloaded weights stay as placed."""
+    from blip2cli.models.vision import trunk_parameters
+
+    trunk = {id(p) for p in trunk_parameters(model.vision_model)}
+    for name, param in model.named_parameters():
+        if name.startswith("language_model.") or id(param) in trunk or param.device.type == "meta":
+            continue
+        if param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 def input_device(model) -> torch.device:
