@@ -4,6 +4,7 @@
     python benchmarks/inference.py --size small --images 16         # OPT-125M-shaped LLM, CPU (about a minute)
     python benchmarks/inference.py --size real --images 64 --modes bf16,8bit,4bit   # OPT-2.7B + ViT-g on a GPU
     python benchmarks/inference.py --json results.json              # also write the numbers
+    python benchmarks/inference.py --weights-table                  # GiB of weights per released checkpoint and mode
 
 The model has random weights built from a config (``benchmarks/generation.py``'s sizes), saved as a
 transformers-format checkpoint and loaded the way the commands load it. Every caption has exactly
@@ -138,6 +139,49 @@ def modes(checkpoint: Path, paths: list[Path], names: list[str], tokens: int, ba
     return results
 
 
+# The released checkpoints' LLMs (transformers configs of the hub models, written out: nothing is downloaded).
+RELEASED_LLMS = {
+    "blip2-opt-2.7b": ("opt", dict(vocab_size=50304, hidden_size=2560, num_hidden_layers=32, ffn_dim=10240,
+                                   num_attention_heads=32, word_embed_proj_dim=2560)),
+    "blip2-opt-6.7b": ("opt", dict(vocab_size=50304, hidden_size=4096, num_hidden_layers=32, ffn_dim=16384,
+                                   num_attention_heads=32, word_embed_proj_dim=4096)),
+    "blip2-flan-t5-xl": ("t5", dict(vocab_size=32128, d_model=2048, d_ff=5120, d_kv=64, num_heads=32, num_layers=24,
+                                    num_decoder_layers=24, feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+    "blip2-flan-t5-xxl": ("t5", dict(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
+                                     num_decoder_layers=24, feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+}
+
+
+def weights_table() -> dict:
+    """GiB of weights per released checkpoint and mode, computed from parameter counts on the meta device:
+    ViT-g trunk in bf16, Q-Former/queries/projection/ln_vision in fp32 (as blip2 loads them), and the LLM's
+    linear layers (lm_head excepted) at 2 (bf16), 1 (8bit) or ~0.53 (4bit NF4 + double-quantized scales)
+    bytes per weight, its other parameters in bf16. Activations and the KV cache come on top."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig, T5Config
+
+    table = {}
+    for name, (family, text) in RELEASED_LLMS.items():
+        text_config = OPTConfig(**text) if family == "opt" else T5Config(**text)
+        with torch.device("meta"):
+            model = Blip2ForConditionalGeneration(Blip2Config(text_config=text_config.to_dict(), num_query_tokens=32))
+        linear = {f"{n}.weight" for n, m in model.language_model.named_modules()
+                  if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")}
+        counts = {"vision_trunk": 0, "fp32_parts": 0, "llm_linear": 0, "llm_other": 0}
+        for full, param in model.named_parameters():
+            if full.startswith("language_model."):
+                counts["llm_linear" if full[len("language_model."):] in linear else "llm_other"] += param.numel()
+            elif full.startswith("vision_model.") and "post_layernorm" not in full:
+                counts["vision_trunk"] += param.numel()
+            else:
+                counts["fp32_parts"] += param.numel()
+        base = 2 * counts["vision_trunk"] + 4 * counts["fp32_parts"] + 2 * counts["llm_other"]
+        table[name] = {"parameters_b": round(sum(counts.values()) / 1e9, 3)} | {
+            mode: round((base + per_weight * counts["llm_linear"]) / 2**30, 2)
+            for mode, per_weight in (("bf16_gib", 2), ("8bit_gib", 1), ("4bit_gib", 0.53))
+        }
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=("tiny", "small", "real"), default="tiny")
@@ -148,7 +192,12 @@ def main() -> None:
     parser.add_argument("--modes", default="fp32,8bit")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--weights-table", action="store_true", help="Only print the computed weight memory of the "
+                        "released checkpoints per mode (no model is run).")
     args = parser.parse_args()
+    if args.weights_table:
+        print(json.dumps(weights_table(), indent=1))
+        return
 
     from blip2cli.cli._common import quiet_libraries
     from blip2cli.inference import resolve_device

@@ -88,7 +88,7 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _all_gather(obj: Any) -> list[Any]:
+def all_gather_objects(obj: Any) -> list[Any]:
     rank, world = rank_and_world()
     if world == 1:
         return [obj]
@@ -272,7 +272,7 @@ def _features(parts: ModelParts, data: EvalData, settings: EvalSettings, batch_s
     mine = (text_rows, torch.cat(text_parts) if text_parts else None,
             image_rows, torch.cat(image_parts) if image_parts else None)
     text_feats = image_feats = None
-    for t_rows, t_feats, i_rows, i_feats in _all_gather(mine):
+    for t_rows, t_feats, i_rows, i_feats in all_gather_objects(mine):
         if t_feats is not None:
             if text_feats is None:
                 text_feats = torch.empty(len(data.texts), t_feats.shape[-1])
@@ -408,7 +408,7 @@ def _run_retrieval(parts, data, settings, store, batch_size, itm_batch_size, num
     todo = [i for i, item in enumerate(data.items) if item.key not in done]
     new = _itm_logits(parts, data, todo[rank::world], needed, ids, mask, store, batch_size, itm_batch_size,
                       num_workers, show_progress)
-    gathered = _all_gather(new)
+    gathered = all_gather_objects(new)
     records = dict(done)
     for part in gathered:
         records.update(part)
@@ -625,7 +625,7 @@ def run_eval(
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             _prepare_out_dir(out, fingerprint, restart, store)
-        _all_gather(None)  # barrier: rank 0 has checked (and maybe cleared) the directory
+        all_gather_objects(None)  # barrier: rank 0 has checked (and maybe cleared) the directory
     was_training = parts.model.training
     parts.model.eval()
     started = time.time()
@@ -641,7 +641,7 @@ def run_eval(
             check_images(todo)  # on every rank, so that all of them stop together
             mine = todo[rank::world]
             new = _generate_outputs(parts, data, mine, settings, store, batch_size, num_workers, show_progress)
-            gathered = _all_gather(new)
+            gathered = all_gather_objects(new)
             outputs = dict(earlier)
             for part in gathered:
                 outputs.update(part)

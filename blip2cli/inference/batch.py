@@ -186,14 +186,9 @@ def _rank_and_world() -> tuple[int, int]:
 
 
 def _gather(obj: Any) -> list[Any]:
-    rank, world = _rank_and_world()
-    if world == 1:
-        return [obj]
-    import torch.distributed as dist
+    from blip2cli.evaluation.runner import all_gather_objects
 
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
+    return all_gather_objects(obj)
 
 
 @torch.inference_mode()

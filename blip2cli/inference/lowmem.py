@@ -4,7 +4,7 @@ BLIP-2's big checkpoints are mostly frozen LLM (OPT-6.7B: 6.7 of 7.8B parameters
 ``--quantize 8bit|4bit`` stores that LLM's linear layers in int8 (LLM.int8()) or NF4 (QLoRA's 4-bit
 NormalFloat, bf16 compute) through bitsandbytes, as transformers' ``BitsAndBytesConfig`` loads them. The
 image encoder, Q-Former, queries and projection stay in ``--dtype`` (they are small and their precision
-matters most); ``--quantize-vision`` quantizes the ViT's linear layers too. ``--device-map auto`` lets
+matters most); ``quantize_vision=True`` (library only) quantizes the ViT's linear layers too. ``--device-map auto`` lets
 accelerate place whole layers on the GPU, then the CPU, then disk (``offload_folder``), so a model larger
 than GPU memory still runs, more slowly.
 
