@@ -5,7 +5,7 @@ The package is layered so that the architecture is visible from the folders:
 - ``blip2cli.models``   model code only (Q-Former, encoders, stage-1/stage-2 models, losses).
                         Imports nothing from training or CLI code.
 - ``blip2cli.checkpoint`` self-describing checkpoint directories and transformers interop.
-- ``blip2cli.inference`` image loading, prompting and generation used by ``blip2 ask``.
+- ``blip2cli.inference`` ask, batched captioning, features, search and low-memory loading (``blip2 ask``, ``caption``, ``embed``...).
 - ``blip2cli.cli``      the Typer application: argument parsing and printing, no logic.
 """
 

@@ -132,11 +132,17 @@ def load_model(
     name_or_path: str | os.PathLike,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    placement: dict[str, Any] | None = None,
 ) -> LoadedModel:
     """Load a blip2 or transformers BLIP-2 checkpoint with zero missing or unexpected keys.
 
     ``dtype`` applies to the frozen parts (image encoder trunk, LLM); the Q-Former, queries, ``ln_vision``
     and projection stay fp32, as BLIP-2 keeps them.
+
+    ``placement``: transformers ``from_pretrained`` arguments that place or quantize the weights as they are
+    read (``device_map``, ``quantization_config``, ``max_memory``...; see ``blip2cli.inference.lowmem``).
+    The model is then left where they put it (``dtype`` and ``device`` are not applied again). Only
+    checkpoints in transformers' format take them.
     """
     path = resolve_checkpoint(name_or_path)
     if is_step_checkpoint(path):
@@ -153,11 +159,17 @@ def load_model(
 
     tokenizer, qformer_tokenizer = _load_tokenizers(path, config)
     if config.has_transformers_equivalent and (path / "config.json").exists():
-        model = _load_via_transformers(path, config, tokenizer)
+        model = _load_via_transformers(path, config, tokenizer, placement)
+    elif placement:
+        raise CheckpointError(f"{path} is in blip2's own format; 8-/4-bit and --device-map loading read "
+                              "transformers-format checkpoints (an EVA-style encoder, as `blip2 export` writes)")
     else:
         model = _load_native(path, config, tokenizer)
-    _cast_frozen_parts(model, dtype)
-    model.to(device).eval()
+    if placement:
+        model.eval()
+    else:
+        _cast_frozen_parts(model, dtype)
+        model.to(device).eval()
 
     return LoadedModel(
         model=model,
@@ -288,13 +300,14 @@ def _skeleton(config: Blip2ModelConfig, tokenizer):
                            pad_token_id=getattr(tokenizer, "pad_token_id", None))
 
 
-def _load_via_transformers(path: Path, config: Blip2ModelConfig, tokenizer=None):
+def _load_via_transformers(path: Path, config: Blip2ModelConfig, tokenizer=None, placement: dict | None = None):
     """Let transformers read its own format (shards, tied weights), then adopt its modules."""
     from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 
     hf_class = Blip2ForImageTextRetrieval if config.stage == 1 else Blip2ForConditionalGeneration
+    kwargs = {"dtype": torch.float32, **(placement or {})}
     try:
-        hf_model, info = hf_class.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+        hf_model, info = hf_class.from_pretrained(path, output_loading_info=True, **kwargs)
     except Exception as err:  # torn or foreign files surface as many error types (safetensors' own included)
         raise CheckpointError(f"cannot load weights from {path}: {str(err).splitlines()[0]}") from None
     _check_keys(info["missing_keys"], info["unexpected_keys"], path)

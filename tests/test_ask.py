@@ -40,7 +40,7 @@ def test_answer_only_on_stdout(monkeypatch, capsys, hf_opt_dir, image_file):
     [
         (lambda d, img, tmp: ["ask", str(tmp / "missing.jpg"), "--model", str(d)], "image not found"),
         (lambda d, img, tmp: ["ask", str(tmp / "text.jpg"), "--model", str(d)], "not an image"),
-        (lambda d, img, tmp: ["ask", str(tmp), "--model", str(d)], "directory, not an image"),
+        (lambda d, img, tmp: ["ask", str(tmp / "empty"), "--model", str(d)], "no images found"),  # a folder: many
         (lambda d, img, tmp: ["ask", str(img), "--model", str(tmp / "nowhere")], "no checkpoint directory"),
         (lambda d, img, tmp: ["ask", str(img), "--model", str(tmp / "no-tokenizer")], "no tokenizer"),
         (lambda d, img, tmp: ["ask", str(img), "--model", str(img)], "is a file"),
@@ -51,6 +51,7 @@ def test_answer_only_on_stdout(monkeypatch, capsys, hf_opt_dir, image_file):
 )
 def test_bad_input_gives_one_line(monkeypatch, capsys, tmp_path, hf_opt_dir, image_file, make_args, message):
     (tmp_path / "text.jpg").write_text("this is not a jpeg")
+    (tmp_path / "empty").mkdir()
     no_tokenizer = tmp_path / "no-tokenizer"
     shutil.copytree(hf_opt_dir, no_tokenizer)
     for name in ("tokenizer.json", "tokenizer_config.json"):

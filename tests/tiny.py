@@ -74,9 +74,13 @@ def image_processor(size: int = IMAGE_SIZE) -> BlipImageProcessor:
     return BlipImageProcessor(size={"height": size, "width": size}, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
 
 
-def hf_blip2(family: str, tokenizer, seed: int = 0):
+def hf_blip2(family: str, tokenizer, seed: int = 0, image_sensitive: bool = False):
     """A tiny transformers Blip2ForConditionalGeneration whose LM vocabulary covers ``tokenizer``
-    plus the processor's ``<image>`` token (added to ``tokenizer`` here, as Blip2Processor would)."""
+    plus the processor's ``<image>`` token (added to ``tokenizer`` here, as Blip2Processor would).
+
+    ``image_sensitive``: a ViT initialised with std 0.02 instead of Blip2VisionConfig's 1e-10 and every other
+    matrix with std 0.3, so that different images give different outputs (otherwise every image looks the
+    same to the Q-Former, and the tiny LLM ignores its visual prompts)."""
     if "<image>" not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     image_token = tokenizer.convert_tokens_to_ids("<image>")
@@ -97,7 +101,7 @@ def hf_blip2(family: str, tokenizer, seed: int = 0):
     else:
         raise ValueError(family)
     config = Blip2Config(
-        vision_config=vision_config().to_dict(),
+        vision_config=(vision_config(initializer_range=0.02) if image_sensitive else vision_config()).to_dict(),
         qformer_config=qformer_config(use_qformer_text_input=False).to_dict(),
         text_config=text.to_dict(),
         num_query_tokens=NUM_QUERY_TOKENS,
@@ -108,12 +112,16 @@ def hf_blip2(family: str, tokenizer, seed: int = 0):
     # Random init leaves the queries at zero; give them values so every query differs.
     with torch.no_grad():
         model.query_tokens.normal_(0, 0.02)
+        if image_sensitive:
+            for name, param in model.named_parameters():
+                if param.dim() == 2 and not name.startswith("vision_model"):
+                    param.normal_(0, 0.3)
     return model
 
 
-def save_hf_blip2(directory: Path, family: str, seed: int = 0) -> Path:
+def save_hf_blip2(directory: Path, family: str, seed: int = 0, image_sensitive: bool = False) -> Path:
     tokenizer = opt_tokenizer() if family == "opt" else t5_tokenizer()
-    model = hf_blip2(family, tokenizer, seed=seed)
+    model = hf_blip2(family, tokenizer, seed=seed, image_sensitive=image_sensitive)
     if family == "opt":
         tokenizer.padding_side = "left"
     processor = Blip2Processor(image_processor(), tokenizer, num_query_tokens=NUM_QUERY_TOKENS)

@@ -11,7 +11,7 @@ from blip2cli.errors import Blip2Error
 
 app = typer.Typer(
     name="blip2",
-    help="BLIP-2 from the command line: pretrain, evaluate, export and ask.",
+    help="BLIP-2 from the command line: pretrain, evaluate, export, ask, caption, embed and search.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -36,7 +36,9 @@ def _root(
 from blip2cli.cli import ask as _ask  # noqa: E402,F401
 from blip2cli.cli import demo as _demo  # noqa: E402,F401
 from blip2cli.cli import capfilt as _capfilt  # noqa: E402,F401
+from blip2cli.cli import caption as _caption  # noqa: E402,F401
 from blip2cli.cli import download as _download  # noqa: E402,F401
+from blip2cli.cli import embed as _embed  # noqa: E402,F401  (embed, match, search)
 from blip2cli.cli import eval as _eval  # noqa: E402,F401
 from blip2cli.cli import export as _export  # noqa: E402,F401
 from blip2cli.cli import plot as _plot  # noqa: E402,F401

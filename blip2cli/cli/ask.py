@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
 
-from blip2cli.checkpoint import DEFAULT_MODEL
+from blip2cli.cli import _generation as G
 from blip2cli.cli import app
 from blip2cli.cli._common import quiet_libraries, stderr
 
@@ -19,47 +20,73 @@ Examples:
   blip2 ask photo.jpg --prompt "a photo of"             # a caption continuing a prompt
 
   blip2 ask https://example.com/cat.jpg -i --model ./runs/stage2/final   # ask question after question
+
+  blip2 ask photos/ "how many people are there?" --out answers.jsonl      # one question, many images
+
+  blip2 ask --questions vqa.jsonl --out answers.jsonl   # {"image": ..., "question": ...} per line
+
+  blip2 ask 'shards/{00000..00009}.tar' "is it indoors?" --quantize 8bit --out answers.jsonl
+
+Given a folder, glob, list file (.txt) or webdataset shards, or --out / --questions, ask answers in batches
+and writes one JSON record per image (stdout without --out). Rerun the same command to resume.
 """
 
 
 @app.command(epilog=EXAMPLES)
 def ask(
-    image: str = typer.Argument(..., help="Image path or http(s) URL."),
+    image: Optional[str] = typer.Argument(None, help="Image path or http(s) URL; or a folder, glob, list file or .tar shards for many."),
     question: Optional[str] = typer.Argument(None, help="A question; without one you get a caption."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Checkpoint directory or hub id."),
+    model: str = G.MODEL,
     interactive: bool = typer.Option(False, "--interactive", "-i", help="Keep the image loaded and answer question after question."),
-    prompt_template: Optional[str] = typer.Option(
-        None, help="VQA prompt; {} is the question. Default: the one the checkpoint was trained with, else "
-        "'Question: {} Answer:' (decoder-only LLMs) or 'Question: {} Short answer:' (encoder-decoder)."
-    ),
-    prompt: Optional[str] = typer.Option(None, help="Text the caption continues (captioning only), e.g. 'a photo of' [default: the checkpoint's caption prompt, else none]."),
-    num_beams: Optional[int] = typer.Option(None, min=1, help="Beam width, 1 = greedy [default: the checkpoint's, else 5]."),
-    max_new_tokens: Optional[int] = typer.Option(None, min=1, help="Generated tokens at most [default: the checkpoint's, else 30 for captions, 10 for answers]."),
-    min_new_tokens: Optional[int] = typer.Option(None, min=0, help="Generated tokens at least [default: the checkpoint's, else 1]."),
-    length_penalty: Optional[float] = typer.Option(None, help="Beam-search length penalty, negative favours short outputs [default: the checkpoint's, else 1.0]."),
-    repetition_penalty: float = typer.Option(1.0, help="Repetition penalty (1.0 = none)."),
-    sample: bool = typer.Option(False, "--sample", help="Nucleus sampling instead of beam search."),
-    top_p: float = typer.Option(0.9, help="Nucleus probability mass when sampling."),
-    temperature: float = typer.Option(1.0, help="Softmax temperature when sampling."),
-    seed: Optional[int] = typer.Option(None, help="Random seed (for --sample)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16 (frozen parts only)."),
+    prompt_template: Optional[str] = G.PROMPT_TEMPLATE,
+    prompt: Optional[str] = G.PROMPT,
+    num_beams: Optional[int] = G.NUM_BEAMS,
+    max_new_tokens: Optional[int] = G.MAX_NEW_TOKENS,
+    min_new_tokens: Optional[int] = G.MIN_NEW_TOKENS,
+    length_penalty: Optional[float] = G.LENGTH_PENALTY,
+    repetition_penalty: float = G.REPETITION_PENALTY,
+    sample: bool = G.SAMPLE,
+    top_p: float = G.TOP_P,
+    temperature: float = G.TEMPERATURE,
+    seed: Optional[int] = G.SEED,
+    device: str = G.DEVICE,
+    dtype: str = G.DTYPE,
+    quantize: Optional[str] = G.QUANTIZE,
+    device_map: Optional[str] = G.DEVICE_MAP,
+    questions: Optional[Path] = typer.Option(None, "--questions", help='JSONL of {"image": PATH, "question": TEXT} lines (many images, a question each).'),
+    out: Optional[Path] = G.OUT,
+    batch_size: int = G.BATCH_SIZE,
+    workers: int = G.WORKERS,
+    out_shards: Optional[Path] = G.OUT_SHARDS,
+    restart: bool = G.RESTART,
 ) -> None:
-    """Caption an image, or answer a question about it."""
+    """Caption an image, or answer a question about it (or about many images: see the examples)."""
     quiet_libraries()
     import torch
 
-    from blip2cli.checkpoint import load_model
+    from blip2cli.errors import Blip2Error
     from blip2cli.images import load_image
-    from blip2cli.inference import Blip2Assistant, GenerationOptions, resolve_device, resolve_dtype
+    from blip2cli.inference import GenerationOptions
+    from blip2cli.inference.inputs import names_many_images
 
-    picture = load_image(image)  # fail on a bad image before spending time on the model
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    many = questions is not None or out is not None or out_shards is not None or (image is not None and names_many_images(image))
+    if many and interactive:
+        raise Blip2Error("--interactive takes one image, not a folder, list, shards, --questions or --out")
+    if questions is not None and (image is not None or question is not None):
+        raise Blip2Error("with --questions, give no IMAGE or QUESTION arguments (the file names both)")
+    if image is None and questions is None:
+        raise Blip2Error("give an IMAGE (or --questions FILE)")
+    if many:
+        from blip2cli.inference.batch import question_jobs, read_questions
+        from blip2cli.inference.inputs import collect_images
+
+        jobs = read_questions(questions) if questions is not None else None
+        refs = collect_images([image]) if image is not None else None  # fail on bad input before loading
+    else:
+        picture = load_image(image)  # fail on a bad image before spending time on the model
     if seed is not None:
         torch.manual_seed(seed)
-    with stderr.status(f"loading {model}", spinner="dots") if stderr.is_terminal else _nothing():
-        assistant = Blip2Assistant(load_model(model, dtype=torch_dtype, device=torch_device), torch_device)
+    assistant = G.load_assistant(model, device, dtype, quantize, device_map)
 
     flags = dict(num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                  length_penalty=length_penalty)
@@ -67,8 +94,17 @@ def ask(
     # Flags over what the checkpoint was trained with over ask's defaults; a flag that replaces a stored value says so.
     template, vqa_options, vqa_notes = assistant.resolve("vqa", {**flags, "prompt": prompt_template}, **fixed)
     caption_prompt, caption_options, caption_notes = assistant.resolve("caption", {**flags, "prompt": prompt}, **fixed)
-    for note in (vqa_notes if question or interactive else []) + (caption_notes if not question or interactive else []):
-        stderr.print(f"[yellow]{note}[/yellow]", highlight=False)
+    asks = bool(question or interactive or questions)
+    G.print_notes((vqa_notes if asks else []) + (caption_notes if not question and not questions or interactive else []))
+
+    if many:
+        if jobs is None:
+            from blip2cli.inference.batch import caption_jobs
+
+            jobs = question_jobs(refs, question) if question else caption_jobs(refs)
+        prompt_used, options_used = (template, vqa_options) if asks else (caption_prompt, caption_options)
+        G.run_many(assistant, jobs, prompt_used, options_used, model, out, batch_size, workers, restart, out_shards)
+        return
 
     def options(is_question: bool) -> GenerationOptions:
         return vqa_options if is_question else caption_options
@@ -118,11 +154,3 @@ def _repl(assistant, picture, first_question, template, options, caption_prompt)
             history.append((question, answer))
             out.print(f"[bold green]{answer}[/bold green]" if out.is_terminal else answer, highlight=False)
         question = None
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

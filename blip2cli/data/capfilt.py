@@ -403,6 +403,19 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes, like: tarfile.TarInfo | N
     tar.addfile(info, io.BytesIO(data))
 
 
+def write_sample(tar: tarfile.TarFile, key: str, members: list[tuple[tarfile.TarInfo, bytes]],
+                 meta: dict[str, Any]) -> None:
+    """A sample's members, unchanged but for ``{key}.json``, which becomes ``meta`` (added if there was none)."""
+    payload = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+    wrote_json = False
+    for info, data in members:
+        if _ext(info) == "json":
+            data, wrote_json = payload, True
+        _add(tar, info.name, data, info)
+    if not wrote_json:
+        _add(tar, f"{key}.json", payload, members[0][0])
+
+
 def process_shard(
     src: str | os.PathLike,
     dst: Path,
@@ -438,14 +451,7 @@ def process_shard(
             meta.update(fields)
             if settings.keep_candidates:
                 meta["capfilt_candidates"] = ranked
-            payload = json.dumps(meta, ensure_ascii=False).encode("utf-8")
-            wrote_json = False
-            for info, data in members:
-                if _ext(info) == "json":
-                    data, wrote_json = payload, True
-                _add(tar, info.name, data, info)
-            if not wrote_json:
-                _add(tar, f"{key}.json", payload, members[0][0])
+            write_sample(tar, key, members, meta)
             stats.written += 1
         if on_images is not None:
             on_images(len(batch))

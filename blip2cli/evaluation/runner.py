@@ -28,10 +28,10 @@ from typing import Any
 import torch
 
 from blip2cli.errors import Blip2Error
+from blip2cli.jsonl import append_records, iter_records
 from blip2cli.evaluation import metrics as M
 from blip2cli.evaluation.datasets import EvalData, EvalItem
 from blip2cli.evaluation.tasks import EvalSettings, default_settings, resolve_settings, task_spec
-from blip2cli.models.llm import stop_token_ids
 
 PREDICTIONS_JSONL = "predictions.jsonl"
 PREDICTIONS_JSON = "predictions.json"
@@ -88,7 +88,7 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _all_gather(obj: Any) -> list[Any]:
+def all_gather_objects(obj: Any) -> list[Any]:
     rank, world = rank_and_world()
     if world == 1:
         return [obj]
@@ -114,19 +114,7 @@ def _broadcast(obj: Any) -> Any:
 def read_jsonl(path: Path) -> dict[str, dict[str, Any]]:
     """``{"key": ...}`` records of a predictions JSONL by key; a torn line (an interrupted write) is skipped,
     so that item is simply redone."""
-    records: dict[str, dict[str, Any]] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "key" in record:
-                records[str(record["key"])] = record
-    return records
+    return {str(r["key"]): r for r in iter_records(path) if "key" in r}
 
 
 class PredictionStore:
@@ -155,20 +143,8 @@ class PredictionStore:
         return records
 
     def append(self, records: Iterable[dict[str, Any]]) -> None:
-        if self.path is None:
-            return
-        if self.path.exists() and self.path.stat().st_size > 0:
-            with open(self.path, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                torn = f.read(1) != b"\n"
-            if torn:  # an interrupted write left half a line: end it so the next record stays readable
-                with open(self.path, "a", encoding="utf-8") as f:
-                    f.write("\n")
-        with open(self.path, "a", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        if self.path is not None:
+            append_records(self.path, records)  # cuts off a torn last line (an interrupted write) first
 
     def clear(self) -> None:
         for path in self.files():
@@ -176,45 +152,12 @@ class PredictionStore:
 
 
 # ============================================================================ images
-class _ImageDataset(torch.utils.data.Dataset):
-    """Decoded, processed images; an unreadable image comes back as an error message, not an exception
-    (so that worker processes never turn it into a traceback)."""
-
-    def __init__(self, paths: Sequence[Path], image_processor):
-        self.paths = list(paths)
-        self.image_processor = image_processor
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        from blip2cli.images import load_image
-
-        try:
-            image = load_image(self.paths[index])
-        except Blip2Error as err:
-            return index, None, str(err)
-        pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
-        return index, pixels, None
-
-
-def _collate(batch):
-    for _, _, error in batch:
-        if error is not None:
-            return None, error
-    return [i for i, _, _ in batch], torch.stack([p for _, p, _ in batch])
-
-
 def _image_batches(paths: Sequence[Path], image_processor, batch_size: int, num_workers: int,
                    pin_memory: bool = False):
     """(positions, pixel_values) batches in order; raises a one-line error for an unreadable image."""
-    loader = torch.utils.data.DataLoader(
-        _ImageDataset(paths, image_processor), batch_size=batch_size, shuffle=False,
-        num_workers=num_workers, collate_fn=_collate, pin_memory=pin_memory,
-    )
-    for positions, pixels in loader:
-        if positions is None:
-            raise Blip2Error(pixels)
+    from blip2cli.images import image_batches
+
+    for positions, pixels, _ in image_batches(paths, image_processor, batch_size, num_workers, pin_memory):
         yield positions, pixels
 
 
@@ -226,14 +169,23 @@ def check_images(items: Sequence[EvalItem]) -> None:
         raise Blip2Error(f"image not found: {missing[0]}{more}")
 
 
-def _progress(enabled: bool):
+def progress_bar(enabled: bool, unit: str | None = None):
+    """A rich progress bar on stderr (drawn only on a terminal); with ``unit`` (e.g. "images") it also shows
+    the rate, items per second."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task):
+            return Text(f"{task.speed or 0:.1f} {unit}/s", style="progress.data.speed")
 
     console = Console(stderr=True)
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TimeRemainingColumn(), console=console, disable=not enabled or not console.is_terminal, transient=False,
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *([Rate()] if unit else []),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not enabled or not console.is_terminal,
+        transient=False,
     )
 
 
@@ -264,28 +216,21 @@ def _generate_outputs(
     num_workers: int,
     show_progress: bool,
 ) -> dict[str, str]:
-    from blip2cli.models.text import decode_generated, generation_batch
+    from blip2cli.models.text import generate_texts
 
-    model, tokenizer = parts.model, parts.tokenizer
-    device = parts.device
-    encoder_decoder = bool(model.is_encoder_decoder)
+    model, device = parts.model, parts.device
     kwargs = _generation_kwargs(settings)
     # Stop where the checkpoint's training texts ended (as `blip2 ask` does).
-    stop = stop_token_ids(model.language_model, tokenizer, (getattr(model.config, "usage", None) or {}).get("end_token"))
-    if stop:
-        kwargs["eos_token_id"] = stop
+    end_token = (getattr(model.config, "usage", None) or {}).get("end_token")
     new: dict[str, str] = {}
-    with _progress(show_progress) as progress:
+    with progress_bar(show_progress) as progress:
         bar = progress.add_task(f"{data.task} {data.split}", total=len(todo))
         batches = _image_batches([it.image for it in todo], parts.image_processor, batch_size, num_workers,
                                  pin_memory=device.type == "cuda")
         for positions, pixels in batches:
             batch_items = [todo[p] for p in positions]
-            text = generation_batch(tokenizer, _prompts(data, batch_items, settings), encoder_decoder)
-            ids = model.generate(
-                pixels.to(device), text["input_ids"].to(device), text["attention_mask"].to(device), **kwargs
-            )
-            outputs = decode_generated(tokenizer, ids, stop_at_newline=not encoder_decoder)
+            outputs = generate_texts(model, parts.tokenizer, pixels.to(device), _prompts(data, batch_items, settings),
+                                     end_token, **kwargs)
             records = [{"key": it.key, "output": out} for it, out in zip(batch_items, outputs)]
             store.append(records)
             new.update({r["key"]: r["output"] for r in records})
@@ -310,7 +255,7 @@ def _features(parts: ModelParts, data: EvalData, settings: EvalSettings, batch_s
     text_rows = list(range(rank, len(data.texts), world))
     image_rows = list(range(rank, len(data.items), world))
     text_parts, image_parts = [], []
-    with torch.inference_mode(), _progress(show_progress) as progress:
+    with torch.inference_mode(), progress_bar(show_progress) as progress:
         bar = progress.add_task("text features", total=len(text_rows))
         for start in range(0, len(text_rows), batch_size * 4):
             rows = text_rows[start:start + batch_size * 4]
@@ -327,7 +272,7 @@ def _features(parts: ModelParts, data: EvalData, settings: EvalSettings, batch_s
     mine = (text_rows, torch.cat(text_parts) if text_parts else None,
             image_rows, torch.cat(image_parts) if image_parts else None)
     text_feats = image_feats = None
-    for t_rows, t_feats, i_rows, i_feats in _all_gather(mine):
+    for t_rows, t_feats, i_rows, i_feats in all_gather_objects(mine):
         if t_feats is not None:
             if text_feats is None:
                 text_feats = torch.empty(len(data.texts), t_feats.shape[-1])
@@ -378,7 +323,7 @@ def _itm_logits(
 ) -> dict[str, dict[str, Any]]:
     model, device = parts.model, parts.device
     new: dict[str, dict[str, Any]] = {}
-    with _progress(show_progress) as progress:
+    with progress_bar(show_progress) as progress:
         bar = progress.add_task("ITM re-ranking", total=len(todo))
         paths = [data.items[i].image for i in todo]
         for positions, pixels in _image_batches(paths, parts.image_processor, batch_size, num_workers,
@@ -463,7 +408,7 @@ def _run_retrieval(parts, data, settings, store, batch_size, itm_batch_size, num
     todo = [i for i, item in enumerate(data.items) if item.key not in done]
     new = _itm_logits(parts, data, todo[rank::world], needed, ids, mask, store, batch_size, itm_batch_size,
                       num_workers, show_progress)
-    gathered = _all_gather(new)
+    gathered = all_gather_objects(new)
     records = dict(done)
     for part in gathered:
         records.update(part)
@@ -703,7 +648,7 @@ def run_eval(
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             _prepare_out_dir(out, fingerprint, restart, store)
-        _all_gather(None)  # barrier: rank 0 has checked (and maybe cleared) the directory
+        all_gather_objects(None)  # barrier: rank 0 has checked (and maybe cleared) the directory
     was_training = parts.model.training
     parts.model.eval()
     started = time.time()
@@ -719,7 +664,7 @@ def run_eval(
             check_images(todo)  # on every rank, so that all of them stop together
             mine = todo[rank::world]
             new = _generate_outputs(parts, data, mine, settings, store, batch_size, num_workers, show_progress)
-            gathered = _all_gather(new)
+            gathered = all_gather_objects(new)
             outputs = dict(earlier)
             for part in gathered:
                 outputs.update(part)

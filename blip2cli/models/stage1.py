@@ -237,9 +237,16 @@ class Blip2Stage1Model(Blip2Base):
         ``itm_head`` on every query output of the bidirectional joint pass, averaged over the queries
         (head then mean, in transformers' order).
         """
-        mask = bidirectional_mask(self.num_query_tokens, attention_mask)
-        hidden = self.joint_hidden(image_embeds, input_ids, mask)[:, : self.num_query_tokens, :]
+        hidden = self.multimodal_embeddings(image_embeds, input_ids, attention_mask)
         return self.itm_head(hidden.to(self.itm_head.weight.dtype)).mean(dim=1)
+
+    def multimodal_embeddings(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The query outputs of the bidirectional ``[queries ; text]`` pass (B, NQ, H): the reference feature
+        extractor's ``multimodal_embeds`` (queries that have seen the image and the text), what ITM reads."""
+        mask = bidirectional_mask(self.num_query_tokens, attention_mask)
+        return self.joint_hidden(image_embeds, input_ids, mask)[:, : self.num_query_tokens, :]
 
     # ----------------------------------------------------------------- losses
     def itc(

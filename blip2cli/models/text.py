@@ -224,3 +224,24 @@ def decode_generated(tokenizer, ids: torch.Tensor | Sequence[Sequence[int]], sto
         # otherwise give an empty answer for "\nyes".
         texts = [t.lstrip().split("\n", 1)[0] for t in texts]
     return [t.strip() for t in texts]
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, pixel_values: torch.Tensor, prompts: Sequence[str] | None,
+                   end_token: str | None = None, **generate_kwargs: Any) -> list[str]:
+    """One decoded output per image of a ``Blip2Stage2Model``: what ``blip2 ask``, ``blip2 caption`` and
+    ``blip2 eval`` generate. ``prompts`` None or empty strings mean plain captioning (an empty prompt
+    tokenises as training saw it: BOS for OPT, "</s>" for T5, nothing for LLMs whose tokenizer adds no
+    BOS). Decoder-only generation stops at the LLM's EOS and at ``end_token``, the token the checkpoint's
+    training texts ended with."""
+    from blip2cli.models.llm import stop_token_ids
+
+    device = pixel_values.device
+    encoder_decoder = bool(model.is_encoder_decoder)
+    batch = generation_batch(tokenizer, list(prompts or [""] * pixel_values.shape[0]), encoder_decoder)
+    stop = stop_token_ids(model.language_model, tokenizer, end_token)
+    if stop:
+        generate_kwargs["eos_token_id"] = stop
+    ids = model.generate(pixel_values, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                         **generate_kwargs)
+    return decode_generated(tokenizer, ids, stop_at_newline=not encoder_decoder)

@@ -1,4 +1,4 @@
-"""Captioning and visual question answering with a loaded stage-2 model (what ``blip2 ask`` runs)."""
+"""Captioning and visual question answering with a loaded stage-2 model, one image at a time (``blip2 ask``)."""
 
 from __future__ import annotations
 
@@ -127,22 +127,15 @@ class Blip2Assistant:
     def generate(self, images: Sequence, prompts: Sequence[str] | None, options: GenerationOptions) -> list[str]:
         """One output per image; ``prompts`` None or empty strings mean plain captioning. Generation stops
         at the token the checkpoint's training texts ended with, as ``blip2 eval`` does."""
-        from blip2cli.models.llm import stop_token_ids
-        from blip2cli.models.text import decode_generated
+        return self.generate_from_pixels(self.pixel_values(images), prompts, options)
 
-        from blip2cli.models.text import generation_batch
+    def generate_from_pixels(self, pixel_values: torch.Tensor, prompts: Sequence[str] | None,
+                             options: GenerationOptions) -> list[str]:
+        """``generate`` for images already processed (``pixel_values`` on any device)."""
+        from blip2cli.models.text import generate_texts
 
-        pixel_values = self.pixel_values(images)
-        # An empty prompt tokenises as training saw it: BOS for OPT, "</s>" for T5, nothing for LLMs whose
-        # tokenizer adds no BOS (Llama-style): the caption then follows the visual prompts directly.
-        batch = generation_batch(self.tokenizer, list(prompts or [""] * len(images)), self.model.is_encoder_decoder)
-        input_ids, attention_mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        kwargs = options.generate_kwargs()
-        stop = stop_token_ids(self.model.language_model, self.tokenizer, self.loaded.config.usage.get("end_token"))
-        if stop:
-            kwargs["eos_token_id"] = stop
-        output = self.model.generate(pixel_values, input_ids, attention_mask, **kwargs)
-        return decode_generated(self.tokenizer, output, stop_at_newline=not self.model.is_encoder_decoder)
+        return generate_texts(self.model, self.tokenizer, pixel_values.to(self.device), prompts,
+                              self.loaded.config.usage.get("end_token"), **options.generate_kwargs())
 
     def caption(self, image, prompt: str | None = None, options: GenerationOptions | None = None) -> str:
         """A caption; ``prompt`` None means the checkpoint's caption prompt (if any)."""
