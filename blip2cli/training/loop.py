@@ -110,7 +110,6 @@ def train(
     SIGUSR1 saves a checkpoint after the current step and raises ``TrainingStopped`` on every rank.
     """
     env = init_distributed(device)
-    accumulation = _accumulation_steps(recipe, env)  # before any model is built: a refusal costs nothing
     console = console or Console(stderr=True)
     say = console.print if env.is_main else (lambda *a, **k: None)
     lock = RunLock(run_dir, say=say) if env.is_main and not dry_run else nullcontext()
@@ -121,6 +120,7 @@ def train(
 
 def _train(recipe: Recipe, run_dir: Path, shards: list[str], resume: str | None, dry_run: bool, env: DistEnv,
            say, stop_after: int | None, allow_schedule_change: bool, on_step, signals: StopSignals) -> TrainResult:
+    accumulation = _accumulation_steps(recipe, env)  # before any model is built: a refusal costs nothing
     if recipe.train.deterministic:
         use_deterministic_kernels()
     torch.manual_seed(recipe.train.seed)  # identical initial weights on every rank
