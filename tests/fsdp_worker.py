@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from blip2cli.recipes import load_recipe  # noqa: E402
-from blip2cli.training.distributed import init_distributed, shutdown  # noqa: E402
+from blip2cli.distributed import init_distributed, shutdown  # noqa: E402
 from blip2cli.training.loop import train  # noqa: E402
 from blip2cli.training.run_control import TrainingStopped  # noqa: E402
 

@@ -20,12 +20,12 @@ from blip2cli.data.capfilt import (
     ClipRanker,
     assign_shards,
     distinct_candidates,
-    rank_and_world,
     rank_candidates,
     read_samples,
     run_capfilt,
 )
 from blip2cli.data.training import choose_caption
+from blip2cli.distributed import launch_rank_and_world
 from blip2cli.errors import Blip2Error
 from tests import tiny
 
@@ -256,10 +256,10 @@ def test_rank_splitting_env_and_explicit(tmp_path, monkeypatch, settings, models
 
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert rank_and_world() == (1, 2)
-    assert rank_and_world(0, 4) == (0, 4)
+    assert launch_rank_and_world() == (1, 2)
+    assert launch_rank_and_world(0, 4) == (0, 4)
     with pytest.raises(Blip2Error, match="rank 2 is not in"):
-        rank_and_world(2, 2)
+        launch_rank_and_world(2, 2)
 
     captioner, ranker = models
     shards = _shards(tmp_path / "in", n=4, per_shard=2)

@@ -173,7 +173,7 @@ def test_lm_pretraining_packs_related_documents_like_llm_pretraining(small_world
     prompts stand where doc1 stood, in front of the second "</s>"."""
     from blip2cli.demo.unimodal import _packed_batch
     from blip2cli.demo.world import DOCUMENT_BREAK
-    from blip2cli.tokenizer_training import train_opt_tokenizer
+    from blip2cli.tiny.tokenizers import train_opt_tokenizer
 
     lines = small_world.text_corpus.read_text().splitlines()
     packed = [line for line in lines if DOCUMENT_BREAK in line]

@@ -248,16 +248,16 @@ def test_native_checkpoint_keeps_tied_lm_head(tmp_path, monkeypatch):
     from transformers import ViTConfig, ViTModel
 
     from blip2cli.recipes import load_recipe
-    from blip2cli.training import builders
+    from blip2cli.tiny import resolver
     from blip2cli.training.builders import build_model
 
-    monkeypatch.setattr(builders, "TINY_LLM_TEXT_STEPS", 2)  # the weights' values do not matter here
+    monkeypatch.setattr(resolver, "TINY_LLM_TEXT_STEPS", 2)  # the weights' values do not matter here
 
     vit = tmp_path / "vit"
     ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
                        image_size=32, patch_size=8)).save_pretrained(vit)
     recipe = load_recipe("tiny_stage2_opt", [f"model.vision=hf:{vit}"])
-    built = build_model(recipe, tiny.CAPTIONS * 3)
+    built = build_model(recipe, corpus=tiny.CAPTIONS * 3)
     saved = save_model(built.model, tmp_path / "ckpt", tokenizer=built.llm_tokenizer,
                        qformer_tokenizer=built.qformer_tokenizer)
     assert not (saved / "config.json").exists()  # the native format, not transformers'

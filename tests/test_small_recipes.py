@@ -92,7 +92,7 @@ def _minilm(directory: Path) -> Path:
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertForMaskedLM, BertTokenizer
 
-    from blip2cli.tokenizer_training import train_bert_tokenizer
+    from blip2cli.tiny.tokenizers import train_bert_tokenizer
 
     trained = train_bert_tokenizer(CORPUS, vocab_size=200)
     vocab = [t for t, _ in sorted(trained.get_vocab().items(), key=lambda kv: kv[1]) if t != "[DEC]"]

@@ -330,8 +330,8 @@ def test_fsdp_encoder_decoder_and_bf16(shards, tmp_path):
 
 
 def test_fsdp_recipe_checks_and_one_process():
-    from blip2cli.training.distributed import DistEnv
-    from blip2cli.training.loop import _use_fsdp
+    from blip2cli.distributed import DistEnv
+    from blip2cli.training.session import _use_fsdp
 
     with pytest.raises(Blip2Error, match="dist.strategy: fsdp shards stage-2"):
         _recipe("tiny_stage1", "dist.strategy=fsdp")

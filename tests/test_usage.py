@@ -84,7 +84,7 @@ def shards(tmp_path_factory):
                                                     ("clip", (CLIP_MEAN, CLIP_STD), "shortest_edge")])
 def test_preprocessing_comes_from_the_encoder(family, stats, resize, tmp_path):
     directory, processor = _encoder_dir(tmp_path, family)
-    built = build_model(_stage1_recipe(directory), tiny.CAPTIONS)
+    built = build_model(_stage1_recipe(directory), corpus=tiny.CAPTIONS)
     config = built.model.config
     assert (config.image_mean, config.image_std, config.image_resize) == (tuple(stats[0]), tuple(stats[1]), resize)
     assert config.image_size == 32
@@ -268,9 +268,9 @@ def test_fine_tuning_inherits_and_overrides_usage(stage2_run, shards, tmp_path):
     recipe = load_recipe("tiny_stage2_opt", ["train.max_steps=1", "optim.warmup_steps=0", "data.shuffle_buffer=8",
                                               f"model.init_from={stage2_run.run_dir / 'step-00000004'}",
                                               "eval.caption_prompt=an image of"])
-    built = build_model(recipe, tiny.CAPTIONS)
+    built = build_model(recipe, corpus=tiny.CAPTIONS)
     usage = built.model.config.usage
     assert usage["vqa_prompt_template"] == TEMPLATE and usage["caption_prompt"] == "an image of"
     with pytest.raises(Blip2Error, match="model.num_query_tokens = 8, but .* 4 query tokens"):
         build_model(load_recipe("tiny_stage2_opt", ["model.num_query_tokens=8",
-                                                    f"model.init_from={stage2_run.final_checkpoint}"]), tiny.CAPTIONS)
+                                                    f"model.init_from={stage2_run.final_checkpoint}"]), corpus=tiny.CAPTIONS)

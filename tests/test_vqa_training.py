@@ -23,7 +23,8 @@ from blip2cli.errors import Blip2Error
 from blip2cli.models.text import IGNORE_INDEX
 from blip2cli.recipes import load_recipe
 from blip2cli.training.builders import build_model
-from blip2cli.training.loop import TextBatcher, train
+from blip2cli.training.loop import train
+from blip2cli.training.text_batching import TextBatcher
 from tests import tiny
 from tests.test_eval_tasks import vqa_dir
 
@@ -74,7 +75,7 @@ def test_question_is_the_masked_prompt_and_the_answer_the_target(tmp_path):
     shards = _qa_shards(tmp_path / "qa")
     recipe = load_recipe("tiny_stage2_opt", ["eval.prompt_template=q: {} a:", "data.shuffle_buffer=0",
                                               "data.micro_batch_size=4", "data.global_batch_size=4"])
-    built = build_model(recipe, tiny.CAPTIONS + ["what colour is the square red green blue"])
+    built = build_model(recipe, corpus=tiny.CAPTIONS + ["what colour is the square red green blue"])
     loader = make_train_loader(shards, micro_batch_size=4, image_size=32, shuffle_buffer=0)
     batch = next(iter(loader))
     assert batch["question"] == ["what colour is the square?"] * 4  # normalised as eval does (LAVIS keeps "?")

@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from blip2cli.models.config import CLIP_MEAN, CLIP_STD
-from blip2cli.tokenizer_training import train_bert_tokenizer, train_opt_tokenizer, train_t5_tokenizer
+from blip2cli.tiny.tokenizers import train_bert_tokenizer, train_opt_tokenizer, train_t5_tokenizer
 
 IMAGE_SIZE = 32
 NUM_QUERY_TOKENS = 4

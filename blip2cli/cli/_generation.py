@@ -51,11 +51,10 @@ def load_assistant(model: str, device: str, dtype: str, quantize: Optional[str],
 
 def device_for_rank(name: str):
     """The device, or this rank's GPU under torchrun (where the process group is started here)."""
+    from blip2cli.distributed import init_distributed, launch_rank_and_world
     from blip2cli.inference import resolve_device
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from blip2cli.training.distributed import init_distributed
-
+    if launch_rank_and_world()[1] > 1:
         return init_distributed(name).device
     return resolve_device(name)
 
@@ -70,9 +69,9 @@ def run_many(assistant, jobs, prompt: str, options, model: str, out: Optional[Pa
     """Batched generation over ``jobs`` into ``out`` (or stdout), then a one-line summary on stderr; with
     ``out_shards``, the input shards rewritten with the outputs."""
     from blip2cli.errors import Blip2Error
-    from blip2cli.evaluation.runner import rank_and_world
+    from blip2cli.distributed import group_rank_and_world as rank_and_world
     from blip2cli.inference.batch import BatchSettings, run_batch, write_output_shards
-    from blip2cli.training.distributed import process_group_ended
+    from blip2cli.distributed import process_group_ended
 
     shards = sorted({job.image.source for job in jobs if job.image.member is not None})
     if out_shards is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -10,6 +11,7 @@ import typer
 
 from blip2cli.cli import app
 from blip2cli.cli._common import quiet_libraries, stderr
+from blip2cli.cli._generation import device_for_rank
 
 EXAMPLES = """
 Tasks: vqav2, okvqa, gqa (zero-shot VQA), coco, nocaps (captioning), flickr30k, coco_retrieval (retrieval).
@@ -114,16 +116,16 @@ def eval_command(
     model_id = model or spec.default_model
     if Path(model_id).expanduser().is_dir():  # a local checkpoint: record it independently of the cwd
         model_id = str(Path(model_id).expanduser().resolve())
-    torch_device = _device(device)
+    torch_device = device_for_rank(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    with stderr.status(f"loading {model_id}", spinner="dots") if stderr.is_terminal else _nothing():
+    with stderr.status(f"loading {model_id}", spinner="dots") if stderr.is_terminal else nullcontext():
         loaded = load_model(model_id, dtype=torch_dtype, device=torch_device)
     encoder_decoder = bool(getattr(loaded.model, "is_encoder_decoder", False))
     settings, replaced = resolve_settings(spec.name, loaded.config, encoder_decoder, overrides, protocol=protocol)
     for line in replaced:
         stderr.print(f"[yellow]{line}[/yellow]", highlight=False)
     target = out or _runs(root) / f"{spec.name}-{_model_name(model_id)}"
-    from blip2cli.training.distributed import process_group_ended
+    from blip2cli.distributed import process_group_ended
 
     with process_group_ended():
         result = run_eval(
@@ -155,17 +157,6 @@ def _model_name(model_id: str) -> str:
     return path.name or "model"
 
 
-def _device(name: str):
-    """The device, or this rank's GPU under torchrun (where the process group is started here)."""
-    from blip2cli.inference import resolve_device
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from blip2cli.training.distributed import init_distributed
-
-        return init_distributed(name).device
-    return resolve_device(name)
-
-
 def _apply(settings, overrides: dict):
     for key, value in overrides.items():
         if value is not None:
@@ -175,7 +166,7 @@ def _apply(settings, overrides: dict):
 
 def _finish(console, result, summary: str) -> None:
     from blip2cli.evaluation.report import metrics_table, output_warnings
-    from blip2cli.evaluation.runner import rank_and_world
+    from blip2cli.distributed import group_rank_and_world as rank_and_world
 
     if rank_and_world()[0] != 0:
         return
@@ -188,11 +179,3 @@ def _finish(console, result, summary: str) -> None:
     if skipped:
         stderr.print(f"skipped: {', '.join(skipped)}", highlight=False)
     stderr.print(f"{summary}; results in {result.out_dir}", highlight=False)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

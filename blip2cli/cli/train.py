@@ -40,14 +40,14 @@ def _launch_options(nproc_per_node, nnodes, node_rank, rdzv_endpoint) -> bool:
     """Relaunch under torchrun when asked; True when this process was the launcher (and is done)."""
     if nproc_per_node is None or (nproc_per_node <= 1 and nnodes == "1"):
         return False
-    from blip2cli.training.distributed import relaunch_under_torchrun
+    from blip2cli.distributed import relaunch_under_torchrun
 
     code = relaunch_under_torchrun(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
     raise typer.Exit(code)
 
 
 def _run(plan, resume: str, dry_run: bool, device: str, allow_schedule_change: bool) -> None:
-    from blip2cli.training.distributed import process_group_ended
+    from blip2cli.distributed import process_group_ended
     from blip2cli.training.loop import train
 
     for note in plan.notes:

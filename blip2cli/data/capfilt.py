@@ -482,18 +482,6 @@ def process_shard(
 
 
 # ----------------------------------------------------------------------------- the run
-def rank_and_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """Explicit values, else torchrun's ``RANK``/``WORLD_SIZE``, else (0, 1)."""
-    try:
-        r = rank if rank is not None else int(os.environ.get("RANK", "0"))
-        w = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError as err:
-        raise Blip2Error(f"RANK/WORLD_SIZE must be integers: {err}") from err
-    if w < 1 or not 0 <= r < w:
-        raise Blip2Error(f"rank {r} is not in [0, {w}) (world size {w})")
-    return r, w
-
-
 def assign_shards(shards: Sequence[str], rank: int, world_size: int) -> list[str]:
     """This rank's shards: every ``world_size``-th of the name-sorted list, starting at ``rank``."""
     return sorted(shards, key=lambda s: (Path(s).name, s))[rank::world_size]
@@ -580,7 +568,9 @@ def run_capfilt(
 
     settings = settings or CapfiltSettings()
     settings.check()
-    r, w = rank_and_world(rank, world_size)
+    from blip2cli.distributed import launch_rank_and_world
+
+    r, w = launch_rank_and_world(rank, world_size)
     out = Path(out_dir).expanduser().resolve()
     names = [Path(s).name for s in shards]
     dupes = {n for n in names if names.count(n) > 1}

@@ -168,7 +168,7 @@ def pretrain_lm(texts: Sequence[str], out: Path, steps: int = 300, batch: int = 
     """Causal LM on text only; saves an ``OPTForCausalLM`` + tokenizer to ``out``. Returns the loss curve."""
     from transformers import OPTConfig, OPTForCausalLM
 
-    from blip2cli.tokenizer_training import train_opt_tokenizer
+    from blip2cli.tiny.tokenizers import train_opt_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = train_opt_tokenizer([t.replace(DOCUMENT_BREAK, " ") for t in texts], vocab_size=400)
@@ -222,7 +222,7 @@ def pretrain_bert(texts: Sequence[str], out: Path, steps: int = 200, batch: int 
     """Masked LM on text only; saves a ``BertForMaskedLM`` + tokenizer (with ``[DEC]``) to ``out``."""
     from transformers import BertConfig, BertForMaskedLM
 
-    from blip2cli.tokenizer_training import train_bert_tokenizer
+    from blip2cli.tiny.tokenizers import train_bert_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = train_bert_tokenizer([t.replace(DOCUMENT_BREAK, " ") for t in texts], vocab_size=400)

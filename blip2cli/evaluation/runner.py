@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from blip2cli.distributed import all_gather_objects, broadcast_object, group_rank_and_world
 from blip2cli.errors import Blip2Error
 from blip2cli.jsonl import append_records, iter_records
 from blip2cli.evaluation import metrics as M
@@ -76,38 +77,6 @@ class RunResult:
     generated: int  # items computed by this run (all ranks)
     reused: int  # items taken over from an earlier, interrupted run
     outputs: dict[str, Any] = field(default_factory=dict)  # key -> raw output (answer, caption, ITM record)
-
-
-# ============================================================================ distributed helpers
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of the initialised process group, or (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_gather_objects(obj: Any) -> list[Any]:
-    rank, world = rank_and_world()
-    if world == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast(obj: Any) -> Any:
-    rank, world = rank_and_world()
-    if world == 1:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # ============================================================================ incremental predictions
@@ -246,7 +215,7 @@ def _features(parts: ModelParts, data: EvalData, settings: EvalSettings, batch_s
     from blip2cli.models.text import normalize_caption
 
     model, device = parts.model, parts.device
-    rank, world = rank_and_world()
+    rank, world = group_rank_and_world()
     encoded = parts.tokenizer(
         [normalize_caption(t) for t in data.texts], padding="max_length", truncation=True,
         max_length=settings.text_max_length, return_tensors="pt",
@@ -391,7 +360,7 @@ def _rankings(data: EvalData, records: dict[str, dict[str, Any]], i2t_val, i2t_i
 
 
 def _run_retrieval(parts, data, settings, store, batch_size, itm_batch_size, num_workers, show_progress):
-    rank, world = rank_and_world()
+    rank, world = group_rank_and_world()
     check_images(data.items)
     ids, mask, text_feats, image_feats = _features(parts, data, settings, batch_size, num_workers, show_progress)
     i2t_val, i2t_idx, t2i_val, t2i_idx = _itc_candidates(parts.model, image_feats, text_feats, settings.k_test,
@@ -640,7 +609,7 @@ def run_eval(
     if spec.kind in ("vqa", "gqa") and settings.prompt.count("{}") != 1:
         raise Blip2Error(f"a VQA prompt needs exactly one '{{}}' for the question: {settings.prompt!r}")
     data = data.limited(limit)
-    rank, world = rank_and_world()
+    rank, world = group_rank_and_world()
     out = Path(out_dir) if out_dir is not None else None
     store = PredictionStore(out, rank)
     fingerprint = _fingerprint(data, parts.name, settings)
@@ -684,7 +653,7 @@ def run_eval(
             run_info = {"fingerprint": fingerprint, "generated": generated, "reused": reused, "limit": limit,
                         "world_size": world, "seconds": round(time.time() - started, 2)}
             write_outputs(out, metrics, submission, run_info)
-    metrics = _broadcast(metrics)
+    metrics = broadcast_object(metrics)
     return RunResult(metrics=metrics, out_dir=out, generated=generated, reused=reused, outputs=outputs)
 
 

@@ -180,13 +180,13 @@ def finished_records_in(path: Path) -> dict:
 
 # ============================================================================ the run
 def _rank_and_world() -> tuple[int, int]:
-    from blip2cli.evaluation.runner import rank_and_world
+    from blip2cli.distributed import group_rank_and_world
 
-    return rank_and_world()
+    return group_rank_and_world()
 
 
 def _gather(obj: Any) -> list[Any]:
-    from blip2cli.evaluation.runner import all_gather_objects
+    from blip2cli.distributed import all_gather_objects
 
     return all_gather_objects(obj)
 

@@ -14,15 +14,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from blip2cli.distributed import group_rank_and_world
+
 
 # --------------------------------------------------------------------------------------------- gathers
-def dist_info() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class _AllGatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0 whose backward hands every rank the sum of all ranks' gradients for its slice.
 
@@ -57,7 +52,7 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """All-gather along dim 0 *with* autograd: the backward sums every rank's gradient for this rank's
     slice, so (after DDP's gradient averaging) the result equals one big batch of B·W. Every rank must
     pass the same shape."""
-    if dist_info()[1] == 1:
+    if group_rank_and_world()[1] == 1:
         return tensor
     return _AllGatherWithGrad.apply(tensor)
 
@@ -67,7 +62,7 @@ def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     """All-gather along dim 0 as constants (LAVIS ``concat_all_gather``). With W = 1 the input itself is
     returned, gradient included, exactly as LAVIS does; with W > 1 every slice, the local one too, is a
     constant, so a feature gets gradient only as the anchor of its own rows. Same shape on every rank."""
-    world = dist_info()[1]
+    world = group_rank_and_world()[1]
     if world == 1:
         return tensor
     tensor = tensor.contiguous()
@@ -83,7 +78,7 @@ def gather(tensor: torch.Tensor, with_grad: bool) -> torch.Tensor:
 def gather_padded(tensor: torch.Tensor, pad_value: int | float) -> torch.Tensor:
     """No-grad gather of (B, T, ...) tensors whose T may differ across ranks (dynamic padding): pad every
     rank's T to the global maximum on the right first. One extra tiny all-gather of the lengths."""
-    if dist_info()[1] == 1:
+    if group_rank_and_world()[1] == 1:
         return tensor
     length = torch.tensor([tensor.shape[1]], device=tensor.device)
     longest = int(gather_no_grad(length).max())
@@ -132,7 +127,7 @@ def itc_loss(
     target row = (1 - ε)·pos/Σpos + ε/N with ε = ``label_smoothing``. With one positive per row this is
     exactly cross-entropy with label smoothing ε, the default path.
     """
-    rank = dist_info()[0]
+    rank = group_rank_and_world()[0]
     batch = image_feats.shape[0]
     image_all = gather(image_feats, gather_with_grad)
     text_all = gather(text_feats, gather_with_grad)
@@ -210,7 +205,7 @@ def sample_hard_negatives(
     """
     batch, columns = sim_i2t.shape
     if positives is None:
-        rank, _ = dist_info()
+        rank, _ = group_rank_and_world()
         own = torch.arange(batch, device=sim_i2t.device) + rank * batch
         positives = torch.zeros(batch, columns, dtype=torch.bool, device=sim_i2t.device)
         positives[torch.arange(batch, device=sim_i2t.device), own] = True

@@ -101,6 +101,16 @@ def build_text_embeddings(qformer_config: Blip2QFormerConfig) -> Blip2TextEmbedd
 
 
 class Blip2Stage1Model(Blip2Base):
+    """Stage 1 (representation learning): frozen image encoder + Q-Former trained with ITC, ITM and ITG.
+
+    transformers' counterpart is ``Blip2ForImageTextRetrieval``, weight for weight: ``vision_model``,
+    ``query_tokens``, ``qformer`` (its ``embeddings`` here, ``qformer.embeddings`` there), ``vision_projection``,
+    ``text_projection`` and ``itm_head`` carry the same names and values (``checkpoint.py`` converts in both
+    directions). What transformers has no slot for: the ITC temperature ``temp`` and the ITG language-model
+    head ``itg_head`` (a checkpoint keeps them in a sidecar file), and the training losses themselves
+    (transformers computes ITM/ITC scores only, no loss).
+    """
+
     # Weights transformers' Blip2ForImageTextRetrieval has no slot for (kept in a sidecar by checkpoints).
     EXTRA_STATE_PREFIXES = ("temp", "itg_head.")
 

@@ -34,6 +34,16 @@ PLAIN_OUTPUT_LAYER_FAMILIES = frozenset(
 
 
 class Blip2Stage2Model(Blip2Base):
+    """Stage 2 (generative learning): frozen image encoder + Q-Former + projection, in front of a frozen LLM.
+
+    transformers' counterpart is ``Blip2ForConditionalGeneration``, weight for weight: ``vision_model``,
+    ``query_tokens``, ``qformer``, ``language_projection`` and ``language_model`` carry the same names; the
+    loss (the LLM's language-modelling loss on the text after the query outputs) and greedy/beam ``generate``
+    give the same numbers and tokens (``tests/test_interop.py``). transformers needs ``<image>`` tokens in the
+    prompt where the query outputs go; this class prepends them itself, and ``checkpoint.py`` adds the token
+    and ``num_query_tokens`` to an exported processor.
+    """
+
     def __init__(
         self,
         config: Blip2ModelConfig,

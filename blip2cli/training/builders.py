@@ -2,13 +2,12 @@
 
 Names understood here (``[model]`` section of a recipe):
 
-- ``vision``: any name ``blip2cli.models.vision_loading.load_vision_encoder`` takes, or ``"tiny"``: a random
-  2-layer ViT (hidden 32, patch 8) built from a config, for tests and CPU demos.
-- ``qformer_init``: a BERT hub id or local directory (weights + vocabulary), or ``"tiny"``: a random
-  2-layer Q-Former whose WordPiece vocabulary is trained on the run's own captions.
-- ``llm``: any name ``blip2cli.models.llm.load_language_model`` takes, or ``"tiny-opt"`` / ``"tiny-t5"``:
-  2-layer LLMs with tokenizers trained on the run's captions, pre-trained on those captions (text only,
-  ``text_pretraining``) and then frozen.
+- ``vision``: any name ``blip2cli.models.vision_loading.load_vision_encoder`` takes.
+- ``qformer_init``: a BERT hub id or local directory (weights + vocabulary).
+- ``llm``: any name ``blip2cli.models.llm.load_language_model`` takes.
+- A name whose prefix is registered in ``PART_RESOLVERS`` goes to that resolver instead: ``tiny``,
+  ``tiny-opt``, ``tiny-t5`` are the random test/demo models of ``blip2cli.tiny`` (their vocabularies are
+  trained on the run's captions, read from the ``BuildContext``'s shards).
 - ``init_from``: a stage-1 checkpoint (stage 2 starts from its ViT, ``ln_vision``, queries and Q-Former
   query path) or a stage-2 checkpoint (fine-tuning continues from it); a run's ``step-N`` directory works too.
 
@@ -22,33 +21,19 @@ are stored in the model config (``Blip2ModelConfig.usage``) for ``ask`` and ``ev
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
-    Blip2QFormerConfig,
-    Blip2QFormerModel,
-    Blip2VisionConfig,
-    Blip2VisionModel,
-    OPTConfig,
-    T5Config,
-)
+from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
 from blip2cli.checkpoint import load_model
 from blip2cli.errors import Blip2Error
 from blip2cli.models.config import Blip2ModelConfig, clean_config_dict
-from blip2cli.models.llm import (
-    adjust_language_config,
-    end_token,
-    freeze,
-    language_model_spec,
-    load_language_model,
-)
+from blip2cli.models.llm import end_token, language_model_spec, load_language_model
 from blip2cli.models.preprocessing import ImagePreprocessing, paper_preprocessing
 from blip2cli.models.qformer_text import ItgHead, init_qformer_from_bert
 from blip2cli.models.stage1 import (
@@ -59,27 +44,12 @@ from blip2cli.models.stage1 import (
 )
 from blip2cli.models.stage2 import Blip2Stage2Model
 from blip2cli.recipes import Recipe
-from blip2cli.tokenizer_training import (
-    train_bert_tokenizer,
-    train_opt_tokenizer,
-    train_t5_tokenizer,
-)
-from blip2cli.training.text_pretraining import pretrain_language_model
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# initializer_range: Blip2VisionConfig defaults to 1e-10 (weights always come from a checkpoint), which
-# would make a random tiny encoder map every image to nearly the same features.
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8,
-                   initializer_range=0.02)
-# A random tiny Q-Former differs from a real one (which starts from BERT) in two ways that stall learning:
-# with BERT's 0.02 init every image maps to almost the same query outputs (cosine ~0.9999), and dropout
-# noise is larger than that image signal. Larger init and no dropout let ITC learn within minutes.
-TINY_QFORMER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                    max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                    initializer_range=0.3)
-TINY_LLM = dict(hidden_size=32, layers=2, heads=4, ffn=64)
-TINY_LLM_TEXT_STEPS = 200  # text-only pre-training steps of the tiny LLMs on the run's captions
+# Name prefix -> the module that builds such parts (functions ``vision``, ``qformer``, ``llm``), imported only
+# when a recipe names one.
+PART_RESOLVERS = {"tiny": "blip2cli.tiny.resolver"}
 
 
 @dataclass
@@ -91,23 +61,40 @@ class BuiltModel:
     notes: list[str] = field(default_factory=list)  # what was chosen for the user's parts, one line each
 
 
-def build_model(recipe: Recipe, corpus: Sequence[str] = ()) -> BuiltModel:
-    """The model to train for ``recipe``. ``corpus`` (captions) trains the vocabularies of tiny models."""
+@dataclass
+class BuildContext:
+    """What a part resolver may read besides the recipe: the run's training shards, or the captions
+    themselves (``corpus``, read from the shards on first use when None)."""
+
+    shards: Sequence[str] = ()
+    corpus: Sequence[str] | None = None
+
+
+def build_model(recipe: Recipe, shards: Sequence[str] = (), corpus: Sequence[str] | None = None) -> BuiltModel:
+    """The model to train for ``recipe``; ``shards``/``corpus`` are for resolvers that need the run's texts."""
+    context = BuildContext(shards=shards, corpus=corpus)
     if recipe.model.stage == 1:
-        return _stage1(recipe, corpus)
-    return _stage2(recipe, corpus)
+        return _stage1(recipe, context)
+    return _stage2(recipe, context)
+
+
+def _resolver(name: str | None):
+    """The registered resolver module for ``name`` ("tiny-opt" -> prefix "tiny"), or None."""
+    prefix = (name or "").split("-", 1)[0].split(":", 1)[0]
+    module = PART_RESOLVERS.get(prefix)
+    return importlib.import_module(module) if module else None
 
 
 # --------------------------------------------------------------------------- parts
-def _vision(recipe: Recipe) -> tuple[nn.Module, dict[str, Any], ImagePreprocessing, list[str]]:
+def _vision(recipe: Recipe, context: BuildContext) -> tuple[nn.Module, dict[str, Any], ImagePreprocessing, list[str]]:
     """The image encoder, its spec, the image preprocessing it expects (recipe overrides applied) and the
     lines that report both."""
     m = recipe.model
-    if m.vision == "tiny":
+    resolver = _resolver(m.vision)
+    if resolver is not None:
         pre, notes = _with_recipe_overrides(paper_preprocessing(m.image_size or 224), recipe)
-        config = Blip2VisionConfig(**TINY_VISION, image_size=pre.size)
-        spec = {"kind": "eva", "config": clean_config_dict(config.to_dict())}
-        return Blip2VisionModel(config).eval(), spec, pre, notes
+        encoder, spec = resolver.vision(m.vision, pre.size, context)
+        return encoder, spec, pre, notes
     from blip2cli.models.vision_loading import (
         describe_encoder,
         encoder_preprocessing,
@@ -151,17 +138,11 @@ def _preprocessing_from_checkpoint(config: Blip2ModelConfig, recipe: Recipe, sou
     return pre, notes
 
 
-def _qformer_from_bert(init: str, vision_width: int, corpus: Sequence[str]):
+def _qformer_from_bert(init: str, vision_width: int, context: BuildContext):
     """(Blip2QFormerConfig, tokenizer with [DEC], BERT state dict or None) for stage-1-shaped Q-Formers."""
-    if init == "tiny":
-        if not corpus:
-            raise Blip2Error('qformer_init = "tiny" needs captions to train its vocabulary on; no data was found')
-        tokenizer = train_bert_tokenizer(corpus, vocab_size=400)
-        config = Blip2QFormerConfig(
-            vocab_size=len(tokenizer), **TINY_QFORMER, encoder_hidden_size=vision_width,
-            use_qformer_text_input=True, pad_token_id=tokenizer.pad_token_id,
-        )
-        return config, tokenizer, None
+    resolver = _resolver(init)
+    if resolver is not None:
+        return resolver.qformer(init, vision_width, context)
     from transformers import AutoTokenizer, BertForMaskedLM
 
     try:
@@ -196,7 +177,7 @@ def _loss_config(recipe: Recipe) -> Stage1LossConfig:
     )
 
 
-def _stage1(recipe: Recipe, corpus: Sequence[str]) -> BuiltModel:
+def _stage1(recipe: Recipe, context: BuildContext) -> BuiltModel:
     m = recipe.model
     if m.init_from:  # retrieval fine-tuning continues a stage-1 model
         loaded = load_model(m.init_from)
@@ -210,9 +191,9 @@ def _stage1(recipe: Recipe, corpus: Sequence[str]) -> BuiltModel:
         model.loss_config = _loss_config(recipe)
         _set_vision_trainable(model, not m.freeze_vision)
         return BuiltModel(model, qformer_tokenizer=loaded.tokenizer, sources={"init_from": m.init_from}, notes=notes)
-    vision, vision_spec, pre, notes = _vision(recipe)
+    vision, vision_spec, pre, notes = _vision(recipe, context)
     width = vision.post_layernorm.normalized_shape[0]
-    qformer_config, tokenizer, bert_state = _qformer_from_bert(m.qformer_init, width, corpus)
+    qformer_config, tokenizer, bert_state = _qformer_from_bert(m.qformer_init, width, context)
     config = Blip2ModelConfig(
         vision=vision_spec, qformer=clean_config_dict(qformer_config.to_dict()),
         num_query_tokens=m.num_query_tokens, stage=1, **pre.config_fields(),
@@ -245,48 +226,18 @@ def _check_query_tokens(recipe: Recipe, config: Blip2ModelConfig, source: str) -
                          f"{config.num_query_tokens} query tokens; set model.num_query_tokens={config.num_query_tokens}")
 
 
-def _tiny_llm(kind: str, corpus: Sequence[str]):
-    if not corpus:
-        raise Blip2Error(f'llm = "{kind}" needs captions to train its vocabulary on; no data was found')
-    t = TINY_LLM
-    if kind == "tiny-opt":
-        tokenizer = train_opt_tokenizer(corpus, vocab_size=500)
-        config = OPTConfig(
-            vocab_size=len(tokenizer), hidden_size=t["hidden_size"], num_hidden_layers=t["layers"], ffn_dim=t["ffn"],
-            num_attention_heads=t["heads"], max_position_embeddings=128, word_embed_proj_dim=t["hidden_size"],
-            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        auto = AutoModelForCausalLM
-    elif kind == "tiny-t5":
-        tokenizer = train_t5_tokenizer(corpus, vocab_size=300)
-        config = T5Config(
-            vocab_size=len(tokenizer), d_model=t["hidden_size"], d_kv=8, d_ff=t["ffn"], num_layers=t["layers"],
-            num_decoder_layers=t["layers"], num_heads=t["heads"], feed_forward_proj="gated-gelu",
-            tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-        )
-        auto = AutoModelForSeq2SeqLM
-    else:
-        raise Blip2Error(f"unknown tiny LLM {kind!r}; use tiny-opt or tiny-t5")
-    config = adjust_language_config(config, tokenizer)
-    model = auto.from_config(config)
-    # BLIP-2 bridges a pre-trained LLM: give the tiny one its text-only pre-training before freezing it.
-    pretrain_language_model(model, tokenizer, corpus, steps=TINY_LLM_TEXT_STEPS, end_token=end_token(model, tokenizer))
-    freeze(model)
-    return model, tokenizer
-
-
-def _llm(recipe: Recipe, corpus: Sequence[str]):
+def _llm(recipe: Recipe, context: BuildContext):
     m = recipe.model
-    if m.llm in ("tiny-opt", "tiny-t5"):
-        return _tiny_llm(m.llm, corpus)
+    resolver = _resolver(m.llm)
+    if resolver is not None:
+        return resolver.llm(m.llm, context)
     try:
         return load_language_model(m.llm, dtype=PRECISIONS[m.llm_precision])
     except OSError as err:
         raise Blip2Error(str(err).splitlines()[0]) from None
 
 
-def _stage2(recipe: Recipe, corpus: Sequence[str]) -> BuiltModel:
+def _stage2(recipe: Recipe, context: BuildContext) -> BuiltModel:
     m = recipe.model
     if m.init_from:
         loaded = load_model(m.init_from)
@@ -305,11 +256,11 @@ def _stage2(recipe: Recipe, corpus: Sequence[str]) -> BuiltModel:
         sources: dict[str, Any] = {"init_from": m.init_from, "llm": m.llm}
     else:
         # Stage 2 without stage 1 (the paper's Figure 5 ablation): a fresh, BERT-initialised Q-Former.
-        built = _stage1(recipe, corpus)
+        built = _stage1(recipe, context)
         stage1, qformer_tokenizer = built.model, built.qformer_tokenizer
         sources = {**built.sources, "llm": m.llm}
         pre, notes = built.model.config.preprocessing, built.notes
-    language_model, llm_tokenizer = _llm(recipe, corpus)
+    language_model, llm_tokenizer = _llm(recipe, context)
     qformer_config = Blip2QFormerConfig(**{**stage1.qformer.config.to_dict(), "use_qformer_text_input": False})
     usage = run_usage(recipe, {}, end_token(language_model, llm_tokenizer), language_model.config.is_encoder_decoder)
     config = Blip2ModelConfig(

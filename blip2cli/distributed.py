@@ -1,7 +1,11 @@
-"""Process-group set-up under torchrun, and relaunching the current command under torchrun.
+"""Everything about several processes, in one place: who this process is, the process group under torchrun,
+collectives on plain Python values, and relaunching the current command under torchrun.
 
-With one process (no ``WORLD_SIZE`` in the environment) nothing here touches ``torch.distributed``:
-training runs on a CPU or a single GPU without a process group (LAVIS crashed there, #537).
+Two questions with two answers: ``launch_rank_and_world`` reads what torchrun (or the user) says this
+process is (``RANK``/``WORLD_SIZE``), before any process group exists; ``group_rank_and_world`` asks the
+initialised process group (what collectives will span). With one process nothing here touches
+``torch.distributed``: training runs on a CPU or a single GPU without a process group (LAVIS crashed there,
+#537). Model code uses only ``group_rank_and_world``.
 """
 
 from __future__ import annotations
@@ -11,9 +15,50 @@ import datetime
 import os
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+
+def group_rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def launch_rank_and_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """Explicit values, else torchrun's ``RANK``/``WORLD_SIZE``, else (0, 1); one-line errors for bad values."""
+    from blip2cli.errors import Blip2Error
+
+    try:
+        r = rank if rank is not None else int(os.environ.get("RANK", "0"))
+        w = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError as err:
+        raise Blip2Error(f"RANK/WORLD_SIZE must be integers: {err}") from None
+    if w < 1 or not 0 <= r < w:
+        raise Blip2Error(f"rank {r} is not in [0, {w}) (world size {w})")
+    return r, w
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` without a process group."""
+    _, world = group_rank_and_world()
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if group_rank_and_world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 @dataclass
@@ -34,8 +79,7 @@ class DistEnv:
 
 def init_distributed(device: str = "auto") -> DistEnv:
     """Read torchrun's environment; start a process group only when there is more than one process."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank, world_size = launch_rank_and_world()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if use_cuda:
@@ -92,10 +136,8 @@ def mean_across_ranks(values: dict[str, float], env: DistEnv) -> dict[str, float
 def sum_counts_across_ranks(counts: dict[str, int], env: DistEnv) -> dict[str, int]:
     if not env.distributed:
         return counts
-    gathered: list[dict[str, int]] = [{} for _ in range(env.world_size)]
-    dist.all_gather_object(gathered, counts)
     total: dict[str, int] = {}
-    for part in gathered:
+    for part in all_gather_objects(counts):
         for key, value in part.items():
             total[key] = total.get(key, 0) + value
     return total
