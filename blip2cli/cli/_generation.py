@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -44,7 +45,7 @@ def load_assistant(model: str, device: str, dtype: str, quantize: Optional[str],
     from blip2cli.inference import Blip2Assistant
     from blip2cli.inference.lowmem import load_for_inference
 
-    with stderr.status(f"loading {model}", spinner="dots") if stderr.is_terminal else nothing():
+    with stderr.status(f"loading {model}", spinner="dots") if stderr.is_terminal else nullcontext():
         loaded, torch_device = load_for_inference(model, device_for_rank(device), dtype, quantize, device_map)
     return Blip2Assistant(loaded, torch_device)
 
@@ -68,10 +69,10 @@ def run_many(assistant, jobs, prompt: str, options, model: str, out: Optional[Pa
              restart: bool, out_shards: Optional[Path] = None) -> None:
     """Batched generation over ``jobs`` into ``out`` (or stdout), then a one-line summary on stderr; with
     ``out_shards``, the input shards rewritten with the outputs."""
-    from blip2cli.errors import Blip2Error
     from blip2cli.distributed import group_rank_and_world as rank_and_world
-    from blip2cli.inference.batch import BatchSettings, run_batch, write_output_shards
     from blip2cli.distributed import process_group_ended
+    from blip2cli.errors import Blip2Error
+    from blip2cli.inference.batch import BatchSettings, run_batch, write_output_shards
 
     shards = sorted({job.image.source for job in jobs if job.image.member is not None})
     if out_shards is not None:
@@ -98,11 +99,3 @@ def run_many(assistant, jobs, prompt: str, options, model: str, out: Optional[Pa
         stderr.print(f"{counts['shards']} shards written to {out_shards} ({counts['skipped_shards']} already there), "
                      f"{counts['samples']} samples, {counts['left_out']} without an output left out", highlight=False,
                      soft_wrap=True)
-
-
-class nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

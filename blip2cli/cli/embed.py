@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import List, Optional
 
@@ -126,7 +127,8 @@ def search(
     """Top-k items of an embedding index for a text or an image, optionally re-ranked by ITM."""
     quiet_libraries()
     from blip2cli.images import load_image
-    from blip2cli.inference.features import read_index, search as run_search
+    from blip2cli.inference.features import read_index
+    from blip2cli.inference.features import search as run_search
 
     info = read_index(index)
     picture = load_image(image) if image is not None else None
@@ -148,7 +150,7 @@ def _extractor(model: str, device: str, dtype: str):
     from blip2cli.inference.features import FeatureExtractor
 
     torch_device = G.device_for_rank(device)
-    with stderr.status(f"loading {model}", spinner="dots") if stderr.is_terminal else G.nothing():
+    with stderr.status(f"loading {model}", spinner="dots") if stderr.is_terminal else nullcontext():
         loaded = load_model(model, dtype=resolve_dtype(dtype, torch_device), device=torch_device)
     return FeatureExtractor(loaded, torch_device)
 
