@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedConfig
 
+from blip2cli import hub
 from blip2cli.models.config import clean_config_dict
 
 # Short names for the LLMs BLIP-2 was released with. Anything else is passed through as a hub id or path.
@@ -211,6 +212,8 @@ def load_language_model(
         target = str(Path(target).expanduser())
     elif target.startswith((".", "/", "~")) or target.count("/") > 1:  # a hub id has at most one "/"
         raise LanguageModelUnavailable(f"cannot load language model {name}: no such directory {target}")
+    else:
+        hub.require(target, "language model", name)  # offline: one line now, not minutes of retries
     try:
         config = AutoConfig.from_pretrained(target)
         tokenizer = AutoTokenizer.from_pretrained(target)

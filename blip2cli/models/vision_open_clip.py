@@ -256,6 +256,9 @@ def fetch_open_clip_weights(name: str, tag: str, local_hint: str | None = None) 
     """Local path of the weights file for an open_clip ``name``/``tag`` (downloaded or from the cache)."""
     import open_clip
 
+    from blip2cli import hub
+
+    hub.require_open_clip(name, tag, "image encoder")  # offline: one line now, not minutes of retries
     try:
         path = open_clip.download_pretrained(open_clip.get_pretrained_cfg(name, tag))
     except Exception as err:
