@@ -18,6 +18,7 @@ Light on purpose: importing this module imports neither torch nor huggingface_hu
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass
 from functools import lru_cache
@@ -61,8 +62,8 @@ def hub_cache() -> Path:
 def looks_like_hub_id(name: str) -> bool:
     """``owner/name`` that is not a path on this machine."""
     name = str(name)
-    return (name.count("/") == 1 and not name.startswith((".", "/", "~")) and not name.endswith("/")
-            and not Path(name).expanduser().exists())
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.startswith(".") and \
+        not Path(name).expanduser().exists()
 
 
 def is_cached(repo_id: str) -> bool:
@@ -170,7 +171,7 @@ def fetch(repo_id: str, what: str = "model", allow_patterns: list[str] | None = 
     try:
         if allow_patterns is None and not offline_mode():
             allow_patterns = _weight_patterns(repo_id)
-        return Path(snapshot_download(repo_id, allow_patterns=allow_patterns))
+        return Path(snapshot_download(repo_id, allow_patterns=allow_patterns, cache_dir=hub_cache()))
     except Exception as err:  # offline, unknown repo, gated repo...
         raise ModelNotFoundError(f"could not fetch {what} {repo_id} from the Hugging Face hub "
                                  f"({failure_reason(err)})") from None
@@ -252,8 +253,17 @@ def require_all(targets: list[Target]) -> None:
             require_open_clip(model_name, tag, target.what)
 
 
+# Recipe values that name models built from a config (tests, the demo), not hub repositories.
+_BUILT_NAMES = {"tiny", "tiny-opt", "tiny-t5"}
+
+
 def _plain(name: str | None, what: str) -> list[Target]:
-    return [Target(what, repo_id=str(name))] if name and looks_like_hub_id(str(name)) else []
+    """``name`` as a hub repository: ``owner/name``, or a bare legacy id such as ``bert-base-uncased``."""
+    name = str(name or "")
+    bare = re.fullmatch(r"[A-Za-z0-9][\w.-]*", name) is not None and name not in _BUILT_NAMES
+    if looks_like_hub_id(name) or (bare and not Path(name).expanduser().exists()):
+        return [Target(what, repo_id=name)]
+    return []
 
 
 def _vision_targets(name: str) -> list[Target]:

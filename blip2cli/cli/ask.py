@@ -137,7 +137,7 @@ def _repl(assistant, picture, first_question, template, options, caption_prompt)
     out = Console()
     history: list[tuple[str, str]] = []
     listing = ", ".join(REPL_COMMANDS)
-    stderr.print(f"[dim]Ask about the image; commands: {listing}.[/dim]", highlight=False)
+    stderr.print(f"[dim]Ask about the image; commands: {listing}.[/dim]", highlight=False, soft_wrap=True)
     question = first_question
     while True:
         if question is None:
@@ -152,23 +152,23 @@ def _repl(assistant, picture, first_question, template, options, caption_prompt)
         if not question.startswith("/"):
             answer = assistant.answer(picture, question, template, history=history, options=options(True))
             history.append((question, answer))
-            out.print(f"[bold green]{answer}[/bold green]" if out.is_terminal else answer, highlight=False)
+            out.print(f"[bold green]{answer}[/bold green]" if out.is_terminal else answer, highlight=False, soft_wrap=True)
         elif command == "/reset":
             history.clear()
-            stderr.print("conversation forgotten", highlight=False)
+            stderr.print("conversation forgotten", highlight=False, soft_wrap=True)
         elif command == "/caption":
-            out.print(assistant.caption(picture, caption_prompt, options=options(False)), highlight=False)
+            out.print(assistant.caption(picture, caption_prompt, options=options(False)), highlight=False, soft_wrap=True)
         elif command == "/image" and argument.strip():
             try:
                 picture = load_image(argument.strip())
                 history.clear()
-                stderr.print(f"now asking about {argument.strip()} (conversation started over)", highlight=False)
+                stderr.print(f"now asking about {argument.strip()} (conversation started over)", highlight=False, soft_wrap=True)
             except Blip2Error as err:
                 print(f"blip2: error: {err}", file=sys.stderr)
         elif command == "/help":
             for name, what in REPL_COMMANDS.items():
-                stderr.print(f"  {name:<12} {what}", highlight=False)
+                stderr.print(f"  {name:<12} {what}", highlight=False, soft_wrap=True)
         else:
             usage = "/image needs a path: /image PATH" if command == "/image" else f"unknown command {command}"
-            stderr.print(f"{usage}; commands: {listing} (a question cannot start with /)", highlight=False)
+            stderr.print(f"{usage}; commands: {listing} (a question cannot start with /)", highlight=False, soft_wrap=True)
         question = None

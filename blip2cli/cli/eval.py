@@ -158,7 +158,7 @@ def report(
 
     runs, skipped = collect_runs(run_dirs)
     for path, why in skipped:
-        stderr.print(f"[yellow]warning:[/yellow] {why}; skipped", highlight=False, soft_wrap=True)
+        stderr.print(f"[yellow]warning:[/yellow] skipped {path}: {why}", highlight=False, soft_wrap=True)
     if not runs:
         raise Blip2Error(f"no `blip2 eval` output (a directory with metrics.json) among {', '.join(map(str, run_dirs))}")
     Console().print(report_table(runs))

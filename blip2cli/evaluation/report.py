@@ -40,7 +40,7 @@ def load_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def collect_runs(paths: list[str | os.PathLike]) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """The ``blip2 eval`` output directories among ``paths`` and the paths skipped, each with the reason.
+    """The ``blip2 eval`` output directories among ``paths``, and the paths skipped with the reason for each.
 
     A path is a run when it holds a readable ``metrics.json``; a directory that is not one but has runs
     among its subdirectories (``runs/eval/``, or a mixed ``runs/``) stands for them, its other
@@ -50,6 +50,8 @@ def collect_runs(paths: list[str | os.PathLike]) -> tuple[list[Path], list[tuple
     skipped: list[tuple[Path, str]] = []
 
     def check(path: Path) -> str | None:
+        if path.is_dir() and not (path / METRICS_JSON).is_file():
+            return f"no {METRICS_JSON}: not a `blip2 eval` output directory"
         try:
             load_metrics(path)
         except Blip2Error as err:
@@ -141,7 +143,7 @@ def report_table(run_dirs: list[str | os.PathLike]):
     """A rich table with one row per run (its metrics on lines of their own within the row)."""
     from rich.table import Table
 
-    table = Table(title="blip2 eval: runs vs the paper", show_lines=True)
+    table = Table(title="blip2 eval: runs vs the paper", show_lines=True, caption_justify="left")
     columns = ("run", "task", "split", "items", "model (paper row)", "protocol", "metric", "value", "paper", "Δ")
     for column in columns:
         table.add_column(column, justify="right" if column in ("items", "value", "paper", "Δ") else "left")
