@@ -10,6 +10,8 @@
 The names below are imported on first use, so that ``tasks`` (and the CLI) load without torch.
 """
 
+from blip2cli.lazy import lazy_attributes
+
 __all__ = [
     "TASKS", "EvalData", "EvalItem", "EvalSettings", "RunResult", "default_settings", "evaluate",
     "load_eval_data", "rescore", "run_eval", "task_spec",
@@ -30,9 +32,4 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str):
-    if name in _WHERE:
-        import importlib
-
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _WHERE)
