@@ -102,29 +102,31 @@ def go_offline() -> None:
     constants.HF_HUB_OFFLINE = True  # read at every request by huggingface_hub and transformers
 
 
-def _missing(shown: str, why: str, download_name: str) -> ModelNotFoundError:
+def _missing(shown: str, why: str, download_name: str, local: str) -> ModelNotFoundError:
     return ModelNotFoundError(
         f"{shown} is not in the Hugging Face cache ({hub_cache()}) and {why}; fetch it where there is "
-        f"network with `blip2 download model {download_name}` (into $HF_HOME/hub), or give a local directory"
+        f"network with `blip2 download model {download_name}` (into $HF_HOME/hub), or {local}"
     )
 
 
-def require(repo_id: str, what: str = "model", download_name: str | None = None, shown: str | None = None) -> None:
+def require(repo_id: str, what: str = "model", download_name: str | None = None, shown: str | None = None,
+            local: str = "give a local directory instead") -> None:
     """Call before a library fetches ``repo_id`` from the hub: see the module docstring. ``what`` names the
     model for the user ("language model", "CapFilt captioner"); ``download_name`` is what to pass to
-    ``blip2 download model`` (default: ``repo_id``); ``shown`` replaces "WHAT REPO_ID" in the message."""
+    ``blip2 download model`` (default: ``repo_id``); ``shown`` replaces "WHAT REPO_ID" in the message;
+    ``local`` ends it (the offline alternative)."""
     download_name = download_name or repo_id
     shown = shown or f"{what} {repo_id}"
     if offline_mode():
         if not is_cached(repo_id):
-            raise _missing(shown, "HF_HUB_OFFLINE is set", download_name)
+            raise _missing(shown, "HF_HUB_OFFLINE is set", download_name, local)
         return
     if reachable():
         return
     if is_cached(repo_id):
         go_offline()
         return
-    raise _missing(shown, f"the hub ({endpoint()}) cannot be reached", download_name)
+    raise _missing(shown, f"the hub ({endpoint()}) cannot be reached", download_name, local)
 
 
 def open_clip_repo(model_name: str, tag: str | None) -> str | None:
@@ -140,12 +142,12 @@ def open_clip_repo(model_name: str, tag: str | None) -> str | None:
 
 
 def require_open_clip(model_name: str, tag: str | None, what: str = "open_clip model",
-                      download_name: str | None = None) -> None:
+                      download_name: str | None = None, local: str = "give a local weights file instead") -> None:
     """:func:`require` for open_clip pretrained weights given by tag."""
     repo = open_clip_repo(model_name, tag)
     if repo is not None:
         require(repo, what, download_name or f"open_clip:{model_name}:{tag}",
-                shown=f"{what} open_clip:{model_name}:{tag} (hub repository {repo})")
+                shown=f"{what} open_clip:{model_name}:{tag} (hub repository {repo})", local=local)
 
 
 def failure_reason(err: BaseException) -> str:

@@ -204,7 +204,8 @@ def load_language_model(
     (transformers keeps a few modules in fp32 regardless, e.g. T5's ``wo`` under fp16; LAVIS runs
     FlanT5 in bf16, see ``LAVIS_DTYPES``.)
     ``newline_eos``: None -> "\\n" ends text for OPT only; True/False forces it for a causal LM.
-    Raises ``LanguageModelUnavailable`` (one line) when the files cannot be found.
+    Raises ``blip2cli.errors.ModelNotFoundError`` (one line) for a hub id that is neither reachable nor cached
+    (``blip2cli.hub.require``), ``LanguageModelUnavailable`` (one line) when the files cannot be found otherwise.
     """
     name = str(name_or_path)
     target = resolve_language_model(name)

@@ -143,7 +143,8 @@ class HFVisionEncoder(nn.Module):
 def load_hf_vision_trunk(name_or_path: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """Load a hub id or local directory with ``AutoModel``; keep only the vision tower of a two-tower model."""
     if hub.looks_like_hub_id(name_or_path):
-        hub.require(name_or_path, "image encoder", f"hf:{name_or_path}")
+        hub.require(name_or_path, "image encoder", f"hf:{name_or_path}",
+                    local="pass a local directory instead: 'hf:/path/to/model'")
     try:
         model = AutoModel.from_pretrained(name_or_path, dtype=dtype or torch.float32)
     except (OSError, ValueError) as err:
@@ -169,7 +170,8 @@ def hf_preprocessing(name_or_path: str) -> ImagePreprocessing | None:
     from transformers.image_processing_base import ImageProcessingMixin
 
     if hub.looks_like_hub_id(name_or_path):
-        hub.require(name_or_path, "image encoder", f"hf:{name_or_path}")
+        hub.require(name_or_path, "image encoder", f"hf:{name_or_path}",
+                    local="pass a local directory instead: 'hf:/path/to/model'")
     try:
         values, _ = ImageProcessingMixin.get_image_processor_dict(name_or_path)
     except (OSError, ValueError) as err:

@@ -117,7 +117,8 @@ def _hf_native_size(name_or_path: str) -> int | None:
     from transformers import AutoConfig
 
     if hub.looks_like_hub_id(name_or_path):
-        hub.require(name_or_path, "image encoder", f"hf:{name_or_path}")
+        hub.require(name_or_path, "image encoder", f"hf:{name_or_path}",
+                    local="pass a local directory instead: 'hf:/path/to/model'")
     config = AutoConfig.from_pretrained(name_or_path)
     config = getattr(config, "vision_config", None) or config
     size = getattr(config, "image_size", None)
