@@ -140,12 +140,33 @@ def test_a_recipe_implies_its_stage_and_names_the_run(shards, tmp_path):
         CliRunner().invoke(app, ["pretrain"], catch_exceptions=False)
 
 
+def test_training_names_its_gpu_the_way_it_can_use_it():
+    from blip2cli.training.launch import training_device
+
+    assert [training_device(d) for d in ("auto", "cpu", "cuda", "cuda:0")] == ["auto", "cpu", "cuda", "cuda:0"]
+    with pytest.raises(Blip2Error, match="CUDA_VISIBLE_DEVICES=1 blip2 ... --device cuda"):
+        training_device("cuda:1")
+
+
 def test_run_directories_keep_the_whole_recipe_name():
     from blip2cli.training.launch import STAGE2_RECIPES, run_name
 
     assert run_name("pretrain_stage2_opt2.7b") == "pretrain_stage2_opt2.7b"
     assert [run_name(n) for n in STAGE2_RECIPES.values()] == list(STAGE2_RECIPES.values())
     assert run_name("configs/my.v2.toml") == "my.v2"
+
+
+def test_run_latest_pointer_is_a_checkpoint(tmp_path):
+    """`--init-from RUN/latest`, as the recipe headers write it: the step the pointer names."""
+    from blip2cli.checkpoint import LATEST_POINTER, STEP_STATE_FILENAME, STEP_WEIGHTS_FILENAME, resolve_checkpoint
+
+    step = tmp_path / "run" / "step-00000004"
+    step.mkdir(parents=True)
+    (step / STEP_WEIGHTS_FILENAME).write_bytes(b"")
+    (step / STEP_STATE_FILENAME).write_text("{}")
+    (tmp_path / "run" / LATEST_POINTER).write_text("step-00000004\n")
+    assert resolve_checkpoint(tmp_path / "run" / LATEST_POINTER) == step
+    assert resolve_checkpoint(tmp_path / "run") == step  # a run directory without final/: its latest step
 
 
 def test_recipe_headers_launch_lines_name_a_stage_or_a_recipe():

@@ -50,7 +50,10 @@ def _launch_options(nproc_per_node, nnodes, node_rank, rdzv_endpoint) -> bool:
 
 def _run(plan, resume: str, dry_run: bool, device: str, allow_schedule_change: bool) -> None:
     from blip2cli.training.distributed import process_group_ended
+    from blip2cli.training.launch import training_device
     from blip2cli.training.loop import train
+
+    device = training_device(device)
 
     for note in plan.notes:
         stderr.print(f"[yellow]{note}[/yellow]")

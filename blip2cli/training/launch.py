@@ -93,6 +93,16 @@ def plan_finetune(task: str, recipe: str | None, overrides: list[str], init_from
     return _finish(resolved, name, out, root, [])
 
 
+def training_device(device: str) -> str:
+    """``--device`` for training: each process takes its local rank's GPU (``init_distributed``), so a GPU
+    other than the first is chosen with CUDA_VISIBLE_DEVICES; ``cuda:N`` with N > 0 says so in one line."""
+    kind, _, index = device.partition(":")
+    if kind == "cuda" and index not in ("", "0"):
+        raise Blip2Error(f"--device {device}: training uses each process's own GPU; to train on GPU {index}, "
+                         f"run CUDA_VISIBLE_DEVICES={index} blip2 ... --device cuda")
+    return device
+
+
 def run_name(recipe: str) -> str:
     """A run directory's name: the recipe's, whole (``pretrain_stage2_opt2.7b``); a file's without ``.toml``."""
     name = Path(recipe).name
