@@ -16,8 +16,8 @@ from blip2cli.hub import DEFAULT_MODEL
 MODEL = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Checkpoint directory, run directory or hub id. The default is the smallest released stage-2 BLIP-2 (8 GB in float16); `blip2 eval` defaults to the checkpoint the paper reports each task with instead.")
 PROMPT = typer.Option(None, "--prompt", help="Text the caption continues (captioning only), e.g. 'a photo of' [default: the checkpoint's caption prompt, else none].")
 PROMPT_TEMPLATE = typer.Option(
-    None, "--prompt-template", help="VQA prompt; {} is the question. Default: the one the checkpoint was trained with, "
-    "else 'Question: {} Answer:' (decoder-only LLMs) or 'Question: {} Short answer:' (encoder-decoder)."
+    None, "--prompt-template", help="VQA prompt; {} is the question [default: the one the checkpoint was trained with, "
+    "else 'Question: {} Answer:' (decoder-only LLMs) or 'Question: {} Short answer:' (encoder-decoder)]."
 )
 NUM_BEAMS = typer.Option(None, "--num-beams", min=1, help="Beam width, 1 = greedy [default: the checkpoint's, else 5].")
 MAX_NEW_TOKENS = typer.Option(None, "--max-new-tokens", min=1, help="Generated tokens at most [default: the checkpoint's, else 30 for captions, 10 for answers].")
@@ -27,9 +27,9 @@ REPETITION_PENALTY = typer.Option(1.0, "--repetition-penalty", help="Repetition 
 SAMPLE = typer.Option(False, "--sample", help="Nucleus sampling instead of beam search.")
 TOP_P = typer.Option(0.9, "--top-p", help="Nucleus probability mass when sampling.")
 TEMPERATURE = typer.Option(1.0, "--temperature", help="Softmax temperature when sampling.")
-SEED = typer.Option(None, "--seed", help="Random seed (for --sample).")
-QUANTIZE = typer.Option(None, "--quantize", help="Load the frozen LLM in 8bit or 4bit (bitsandbytes, CUDA; `pip install blip2cli[lowmem]`).")
-DEVICE_MAP = typer.Option(None, "--device-map", help="'auto': spread the frozen LLM over GPU(s), CPU and disk (accelerate) to fit large checkpoints.")
+SEED = typer.Option(None, "--seed", help="Random seed (for --sample) [default: not seeded].")
+QUANTIZE = typer.Option(None, "--quantize", help="Load the frozen LLM in 8bit or 4bit (bitsandbytes, CUDA; `pip install blip2cli[lowmem]`) [default: not quantized].")
+DEVICE_MAP = typer.Option(None, "--device-map", help="'auto': spread the frozen LLM over GPU(s), CPU and disk (accelerate) to fit large checkpoints [default: all on --device].")
 # many images
 OUT = typer.Option(None, "--out", "-o", help="JSONL output, one record per image, written as it goes; rerun to resume [default: stdout, not resumable].")
 BATCH_SIZE = typer.Option(8, "--batch-size", min=1, help="Images per generation batch.")

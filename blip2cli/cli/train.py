@@ -35,7 +35,7 @@ Examples:
 """
 
 SCHEDULE_HELP = "Resume although train.max_steps or the learning-rate schedule differs from the checkpoint's."
-LAUNCH_HELP = "Launch this many processes per node under torchrun (GPUs per node)."
+LAUNCH_HELP = "Launch this many processes per node under torchrun (GPUs per node) [default: this process only]."
 
 
 def _launch_options(nproc_per_node, nnodes, node_rank, rdzv_endpoint) -> bool:
@@ -70,8 +70,8 @@ def _run(plan, resume: str, dry_run: bool, device: str, allow_schedule_change: b
 def pretrain(
     overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides, key.sub=value."),
     stage: Optional[int] = typer.Option(None, "--stage", min=1, max=2, help="1: ITC/ITM/ITG with a frozen image encoder; 2: frozen LLM [default: the --recipe's model.stage; one of the two is needed]."),
-    vision: Optional[str] = typer.Option(None, help="Image encoder: eva-vit-g, clip-vit-l, open_clip:..., hf:..."),
-    llm: Optional[str] = typer.Option(None, help="Stage 2: opt-2.7b, opt-6.7b, flant5-xl, flant5-xxl, a hub id or path."),
+    vision: Optional[str] = typer.Option(None, help="Image encoder: eva-vit-g, clip-vit-l, open_clip:..., hf:... [default: the recipe's]."),
+    llm: Optional[str] = typer.Option(None, help="Stage 2: opt-2.7b, opt-6.7b, flant5-xl, flant5-xxl, a hub id or path [default: the recipe's]."),
     init_from: Optional[str] = typer.Option(None, help="Stage 2: the stage-1 checkpoint to start from [default: latest in workspace]."),
     recipe: Optional[str] = typer.Option(None, help="Recipe name (`blip2 recipes list`) or TOML file [default: by stage/vision/llm]."),
     out: Optional[Path] = typer.Option(None, help="Run directory [default: <root>/runs/RECIPE, the recipe's whole name]."),
@@ -83,7 +83,7 @@ def pretrain(
     nproc_per_node: Optional[int] = typer.Option(None, help=LAUNCH_HELP),
     nnodes: str = typer.Option("1", help="Nodes (torchrun --nnodes)."),
     node_rank: int = typer.Option(0, help="This node's rank (torchrun --node-rank)."),
-    rdzv_endpoint: Optional[str] = typer.Option(None, help="host:port of the rendezvous (torchrun --rdzv-endpoint)."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, help="host:port of the rendezvous (torchrun --rdzv-endpoint) [default: standalone, one node]."),
 ) -> None:
     """Pretrain BLIP-2: stage 1 (Q-Former representation learning) or stage 2 (frozen LLM)."""
     quiet_libraries()
@@ -109,7 +109,7 @@ def finetune(
     nproc_per_node: Optional[int] = typer.Option(None, help=LAUNCH_HELP),
     nnodes: str = typer.Option("1", help="Nodes (torchrun --nnodes)."),
     node_rank: int = typer.Option(0, help="This node's rank (torchrun --node-rank)."),
-    rdzv_endpoint: Optional[str] = typer.Option(None, help="host:port of the rendezvous (torchrun --rdzv-endpoint)."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, help="host:port of the rendezvous (torchrun --rdzv-endpoint) [default: standalone, one node]."),
 ) -> None:
     """Fine-tune a BLIP-2 checkpoint for captioning, VQA or retrieval."""
     quiet_libraries()
