@@ -33,8 +33,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from blip2cli import hub
 from blip2cli.durable import replace_directory
 from blip2cli.errors import CheckpointError, ModelNotFoundError
+from blip2cli.hub import DEFAULT_MODEL  # noqa: F401  (re-exported)
 from blip2cli.models.config import CONFIG_FILENAME, Blip2ModelConfig
 
 EXTRAS_FILENAME = "blip2cli_extras.safetensors"
@@ -47,9 +49,6 @@ LATEST_POINTER = "latest"
 WEIGHTS_FILENAME = "model.safetensors"
 QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
 IMAGE_TOKEN = "<image>"
-
-# The released checkpoint `blip2 ask` uses when no --model is given.
-DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
 
 # What a hub download fetches: configs, safetensors weights, tokenizer and processor files.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "qformer_tokenizer/*"]
@@ -84,35 +83,16 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
             if is_step_checkpoint(step):
                 return step
         return path
+    if path.is_file() and path.name == LATEST_POINTER:  # RUN/latest: the step it names
+        step = path.parent / path.read_text().strip()
+        if is_step_checkpoint(step):
+            return step
     if path.exists():
         raise ModelNotFoundError(f"{path} is a file; --model expects a checkpoint directory or a hub id")
     name = str(name_or_path)
-    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
-    if not looks_like_hub_id:
+    if not hub.looks_like_hub_id(name):
         raise ModelNotFoundError(f"no checkpoint directory at {name}")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(name, allow_patterns=_HUB_PATTERNS))
-    except Exception as err:  # offline, unknown repo, gated repo...
-        reason = _hub_failure_reason(err)
-        raise ModelNotFoundError(
-            f"could not fetch {name} from the Hugging Face hub ({reason}); "
-            "without network, pass --model DIR pointing at a local BLIP-2 checkpoint directory"
-        ) from None
-
-
-def _hub_failure_reason(err: Exception) -> str:
-    from huggingface_hub import errors as hub_errors
-
-    if isinstance(err, (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled)):
-        return "no network, and not in the local Hugging Face cache"
-    if isinstance(err, hub_errors.RepositoryNotFoundError):
-        return "no such repository, or it is private"
-    if isinstance(err, hub_errors.GatedRepoError):
-        return "gated repository: log in with `hf auth login` after accepting its licence"
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    return hub.fetch(name, "BLIP-2 checkpoint", allow_patterns=_HUB_PATTERNS)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

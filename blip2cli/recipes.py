@@ -24,6 +24,7 @@ import difflib
 import functools
 import json
 import math
+import os
 import tomllib
 import types
 import typing
@@ -562,6 +563,22 @@ class RecipeInfo:
 
 def list_recipe_names() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+
+
+def copy_recipe(name: str, dest: str | Path, force: bool = False) -> Path:
+    """Copy shipped recipe ``name`` to ``dest``: a file, or a directory (one that exists, or a path ending in
+    a separator, made if needed) that gets ``NAME.toml``. An existing file is kept unless ``force``."""
+    source = find_recipe(name)
+    text = str(dest)
+    into_directory = Path(dest).is_dir() or text.endswith(("/", os.sep))
+    target = Path(dest) / source.name if into_directory else Path(dest)
+    if target.is_dir():
+        raise Blip2Error(f"{target} is a directory; give a file name or a directory to copy into")
+    if target.exists() and not force:
+        raise Blip2Error(f"{target} already exists; pass --force to overwrite it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+    return target
 
 
 def recipe_header(path: Path) -> list[str]:

@@ -44,8 +44,10 @@ def test_answer_only_on_stdout(monkeypatch, capsys, hf_opt_dir, image_file):
         (lambda d, img, tmp: ["ask", str(img), "--model", str(tmp / "nowhere")], "no checkpoint directory"),
         (lambda d, img, tmp: ["ask", str(img), "--model", str(tmp / "no-tokenizer")], "no tokenizer"),
         (lambda d, img, tmp: ["ask", str(img), "--model", str(img)], "is a file"),
-        (lambda d, img, tmp: ["ask", str(img), "--model", "nobody/blip2-does-not-exist"], "--model DIR"),
+        (lambda d, img, tmp: ["ask", str(img), "--model", "nobody/blip2-does-not-exist"],
+         "`blip2 download model nobody/blip2-does-not-exist`"),
         (lambda d, img, tmp: ["ask", str(img), "--model", str(d), "--dtype", "float8"], "unknown dtype"),
+        (lambda d, img, tmp: ["ask", str(img), "--model", str(d), "--device", "gpu0"], "unknown device"),
         (lambda d, img, tmp: ["ask", str(img), "q?", "--model", str(d), "--prompt-template", "Q:"], "has no '{}'"),
     ],
 )
@@ -74,6 +76,27 @@ def test_interactive_keeps_context(hf_opt_dir, image_file):
     assert result.exit_code == 0, result.output
     # Two answers and a caption on stdout; the banner goes to stderr.
     assert len(result.stdout.splitlines()) == 3, result.stdout
+
+
+def test_interactive_commands_are_confirmed_or_rejected(hf_opt_dir, image_file, tmp_path):
+    """`ask -i`: /reset and /image say what they did; an unknown /command is refused (never sent to the
+    model as a question) and the commands are listed."""
+    other = tmp_path / "other.jpg"
+    tiny.random_images(2)[1].save(other)
+    result = CliRunner().invoke(
+        app,
+        ["ask", str(image_file), "-i", "--model", str(hf_opt_dir), "--num-beams", "1", "--max-new-tokens", "2"],
+        input=f"/captoin\n/reset\n/image {other}\n/image\n/image {tmp_path / 'missing.jpg'}\n/help\n/quit\n",
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""  # no answer was generated: every line was a command
+    err = result.stderr
+    assert "unknown command /captoin" in err and "/image PATH" in err
+    assert "conversation forgotten" in err
+    assert f"now asking about {other}" in err
+    assert "/image needs a path" in err
+    assert "image not found" in err
+    assert "forget the conversation" in err  # /help lists what each command does
 
 
 def test_conversation_prompt():

@@ -393,7 +393,36 @@ def test_report_compares_with_the_paper(tmp_path):
     assert "65.20" in result.output and "-0.50" in result.output and "ViT-g + FlanT5-XXL" in result.output
     assert "txt_r1" in result.output and "90.00" in result.output
     bad = CliRunner().invoke(app, ["eval", "report", str(tmp_path / "nothing")])
-    assert isinstance(bad.exception, Blip2Error) and "no metrics.json" in str(bad.exception)
+    assert isinstance(bad.exception, Blip2Error) and "no `blip2 eval` output" in str(bad.exception)
+
+
+def test_report_skips_non_eval_directories_and_names_runs(tmp_path):
+    """`blip2 eval report runs/` on a folder mixing evaluation and training runs: one row per evaluation run,
+    named by its run (not `final`), a warning per skipped directory, and recall beyond --k-test marked n/a."""
+    runs = tmp_path / "runs"
+    _write_json(runs / "vqa-stage2-final" / "metrics.json", {
+        "task": "vqav2", "split": "val", "model": "/work/runs/stage2/final", "accuracy": 61.25, "num_items": 10})
+    _write_json(runs / "flickr-itc" / "metrics.json", {
+        "task": "flickr30k", "split": "test", "model": "/work/runs/stage1/step-00000040", "txt_r1": 71.0,
+        "txt_r5": 72.0, "txt_r10": 73.0, "img_r1": 65.6, "img_r5": 66.0, "img_r10": 67.0, "r_mean": 69.1,
+        "settings": {"k_test": 1}})
+    (runs / "stage1" / "final").mkdir(parents=True)  # a training run: no metrics.json
+    (runs / "stage1" / "metrics.jsonl").write_text("{}\n")
+    _write_json(runs / "broken" / "metrics.json", {"no": "task"})
+    result = CliRunner().invoke(app, ["eval", "report", str(runs)], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    table = result.stdout
+    rows = [line for line in table.splitlines() if "vqa-stage2-final" in line or "flickr-itc" in line]
+    assert len(rows) == 2, table  # one row per run (its metrics are lines within the row)
+    vqa_row = next(line for line in rows if "vqa-stage2-final" in line)
+    assert " stage2 " in vqa_row and "final" not in vqa_row.replace("vqa-stage2-final", "")
+    assert "stage1/step-00000040" in table
+    assert "n/a (72.00)" in table and "n/a (73.00)" in table and "71.00" in table
+    assert "n/a (71.00)" not in table and "--k-test" in table  # R@1 applies; the caption explains n/a
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2, result.stderr
+    assert any("stage1" in w and "no metrics.json" in w for w in warnings)
+    assert any("broken" in w and "no 'task'" in w for w in warnings)
 
 
 def test_one_line_errors_for_bad_input(tmp_path):

@@ -395,10 +395,12 @@ def test_offline_failure_is_one_clear_line(tmp_path):
 
     if not constants.HF_HUB_OFFLINE:  # never start a multi-GB download from a unit test
         pytest.skip("needs HF_HUB_OFFLINE=1")
-    with pytest.raises(LanguageModelUnavailable) as info:
+    from blip2cli.errors import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError) as info:  # not cached: blip2cli.hub says so before transformers tries
         load_language_model("opt-2.7b")
     message = str(info.value)
-    assert "\n" not in message and "facebook/opt-2.7b" in message
+    assert "\n" not in message and "facebook/opt-2.7b" in message and "blip2 download model opt-2.7b" in message
     with pytest.raises(LanguageModelUnavailable, match="no such directory"):
         load_language_model(tmp_path / "missing")
 

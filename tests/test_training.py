@@ -200,10 +200,10 @@ def test_plot_writes_curves_of_a_run(stage1_run, tmp_path):
     assert {"loss_itc", "loss_itm", "loss_itg", "lr"} <= set(curves)
     result = CliRunner().invoke(app, ["plot", str(stage1_run.run_dir), "--out", str(tmp_path / "plots")])
     assert result.exit_code == 0, result.output
-    losses = Image.open(tmp_path / "plots" / "losses.png")
-    assert losses.size == (520, 340)
-    # Curves were drawn: the chart holds more than a handful of colours (white, black text, four series).
-    assert len(losses.getcolors(maxcolors=100_000)) > 10
+    curves = Image.open(tmp_path / "plots" / "curves.png")
+    assert curves.size == (2 * 560, 3 * 360)  # loss, loss_itc, loss_itg, loss_itm, lr: five panels in rows of two
+    # Curves were drawn: the chart holds more than a handful of colours (white, black text, anti-aliased lines).
+    assert len(curves.getcolors(maxcolors=100_000)) > 10
     empty = tmp_path / "empty"
     empty.mkdir()
     result = CliRunner().invoke(app, ["plot", str(empty)])

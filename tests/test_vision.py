@@ -186,9 +186,11 @@ def test_open_clip_local_weights_file(tmp_path):
 
 
 def test_open_clip_offline_fetch_is_one_clear_error():
-    with pytest.raises(RuntimeError, match="could not fetch open_clip weights.*local file"):
+    from blip2cli.errors import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="open_clip:ViT-L-14-quickgelu:openai .*blip2 download model.*local file"):
         load_vision_encoder("clip-vit-l")
-    with pytest.raises(RuntimeError, match="could not fetch open_clip weights EVA01-g-14"):
+    with pytest.raises(ModelNotFoundError, match="EVA01-g-14.*local file instead: 'eva-vit-g:/path/to/eva_weights.pth'"):
         load_vision_encoder("eva-vit-g")
 
 
@@ -320,7 +322,9 @@ def test_hf_two_tower_model_gives_its_vision_tower(tmp_path):
 
 
 def test_hf_offline_fetch_is_one_clear_error():
-    with pytest.raises(RuntimeError, match="could not fetch hf model.*local directory"):
+    from blip2cli.errors import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="blip2test/no-such-model .*local directory instead: 'hf:/path"):
         load_vision_encoder("hf:blip2test/no-such-model")
 
 

@@ -46,6 +46,40 @@ from blip2cli.cli import recipes as _recipes  # noqa: E402,F401
 from blip2cli.cli import train as _train  # noqa: E402,F401
 
 
+def _plain_help(typer_app: typer.Typer, seen: set[int]) -> None:
+    """Option and argument helps are plain text: escape what rich would read as markup ("[default: ...]",
+    '".[eval]"' would vanish from the help otherwise)."""
+    import inspect
+
+    from rich.markup import escape
+
+    for command in typer_app.registered_commands:
+        for param in inspect.signature(command.callback).parameters.values():
+            info = param.default
+            if isinstance(info, typer.models.ParameterInfo) and info.help and id(info) not in seen:
+                seen.add(id(info))
+                info.help = escape(info.help)
+    for group in typer_app.registered_groups:
+        _plain_help(group.typer_instance, seen)
+
+
+def _no_type_on_flags() -> None:
+    """Typer 0.29's help shows a ``<bool>`` type beside flags (``--restart <bool>``), as if they took a value."""
+    option = getattr(typer.core, "TyperOption", None)
+    shown = getattr(option, "display_type_rich", None)
+    if shown is None:
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    option.display_type_rich = display_type_rich
+
+
+_plain_help(app, set())
+_no_type_on_flags()
+
+
 def main() -> None:
     """Console-script entry: user errors become one line on stderr and exit status 1, never a traceback."""
     try:

@@ -2,36 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from blip2cli.checkpoint import DEFAULT_MODEL
-from blip2cli.cli._common import stderr
+from blip2cli.cli._common import DEVICE, DTYPE, stderr  # noqa: F401  (DEVICE, DTYPE: re-exported for ask/caption/embed)
+from blip2cli.hub import DEFAULT_MODEL
 
 # --------------------------------------------------------------------------- options both commands take
-MODEL = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Checkpoint directory or hub id.")
+MODEL = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Checkpoint directory, run directory or hub id. The default is the smallest released stage-2 BLIP-2 (8 GB in float16); `blip2 eval` defaults to the checkpoint the paper reports each task with instead.")
 PROMPT = typer.Option(None, "--prompt", help="Text the caption continues (captioning only), e.g. 'a photo of' [default: the checkpoint's caption prompt, else none].")
 PROMPT_TEMPLATE = typer.Option(
-    None, "--prompt-template", help="VQA prompt; {} is the question. Default: the one the checkpoint was trained with, "
-    "else 'Question: {} Answer:' (decoder-only LLMs) or 'Question: {} Short answer:' (encoder-decoder)."
+    None, "--prompt-template", help="VQA prompt; {} is the question [default: the one the checkpoint was trained with, "
+    "else 'Question: {} Answer:' (decoder-only LLMs) or 'Question: {} Short answer:' (encoder-decoder)]."
 )
 NUM_BEAMS = typer.Option(None, "--num-beams", min=1, help="Beam width, 1 = greedy [default: the checkpoint's, else 5].")
 MAX_NEW_TOKENS = typer.Option(None, "--max-new-tokens", min=1, help="Generated tokens at most [default: the checkpoint's, else 30 for captions, 10 for answers].")
 MIN_NEW_TOKENS = typer.Option(None, "--min-new-tokens", min=0, help="Generated tokens at least [default: the checkpoint's, else 1].")
 LENGTH_PENALTY = typer.Option(None, "--length-penalty", help="Beam-search length penalty, negative favours short outputs [default: the checkpoint's, else 1.0].")
-REPETITION_PENALTY = typer.Option(1.0, "--repetition-penalty", help="Repetition penalty (1.0 = none).")
+REPETITION_PENALTY = typer.Option(1.0, "--repetition-penalty", help="Repetition penalty, 1.0 = none.")
 SAMPLE = typer.Option(False, "--sample", help="Nucleus sampling instead of beam search.")
 TOP_P = typer.Option(0.9, "--top-p", help="Nucleus probability mass when sampling.")
 TEMPERATURE = typer.Option(1.0, "--temperature", help="Softmax temperature when sampling.")
-SEED = typer.Option(None, "--seed", help="Random seed (for --sample).")
-DEVICE = typer.Option("auto", "--device", help="auto (under torchrun: the local rank's GPU), cpu, cuda, cuda:N.")
-DTYPE = typer.Option("auto", "--dtype", help="auto, float32, bfloat16, float16 (frozen parts only).")
-QUANTIZE = typer.Option(None, "--quantize", help="Load the frozen LLM in 8bit or 4bit (bitsandbytes, CUDA; `pip install blip2cli[lowmem]`).")
-DEVICE_MAP = typer.Option(None, "--device-map", help="'auto': spread the frozen LLM over GPU(s), CPU and disk (accelerate) to fit large checkpoints.")
+SEED = typer.Option(None, "--seed", help="Random seed (for --sample) [default: not seeded].")
+QUANTIZE = typer.Option(None, "--quantize", help="Load the frozen LLM in 8bit or 4bit (bitsandbytes, CUDA; `pip install blip2cli[lowmem]`) [default: not quantized].")
+DEVICE_MAP = typer.Option(None, "--device-map", help="'auto': spread the frozen LLM over GPU(s), CPU and disk (accelerate) to fit large checkpoints [default: all on --device].")
 # many images
 OUT = typer.Option(None, "--out", "-o", help="JSONL output, one record per image, written as it goes; rerun to resume [default: stdout, not resumable].")
 BATCH_SIZE = typer.Option(8, "--batch-size", min=1, help="Images per generation batch.")
@@ -45,7 +43,7 @@ def load_assistant(model: str, device: str, dtype: str, quantize: Optional[str],
     from blip2cli.inference import Blip2Assistant
     from blip2cli.inference.lowmem import load_for_inference
 
-    with stderr.status(f"loading {model}", spinner="dots") if stderr.is_terminal else nullcontext():
+    with stderr.status(f"loading {model}", spinner="dots") if stderr.is_terminal else contextlib.nullcontext():
         loaded, torch_device = load_for_inference(model, device_for_rank(device), dtype, quantize, device_map)
     return Blip2Assistant(loaded, torch_device)
 

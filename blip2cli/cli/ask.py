@@ -118,6 +118,15 @@ def ask(
     _repl(assistant, picture, question, template, options, caption_prompt)
 
 
+REPL_COMMANDS = {
+    "/caption": "caption the image",
+    "/image PATH": "switch to another image (the conversation starts over)",
+    "/reset": "forget the conversation",
+    "/help": "list these commands",
+    "/quit": "end (so does an empty line)",
+}
+
+
 def _repl(assistant, picture, first_question, template, options, caption_prompt) -> None:
     """Question after question about one image; earlier turns are kept as context."""
     from rich.console import Console
@@ -127,8 +136,8 @@ def _repl(assistant, picture, first_question, template, options, caption_prompt)
 
     out = Console()
     history: list[tuple[str, str]] = []
-    stderr.print("[dim]Ask about the image. Empty line or /quit ends, /reset forgets the conversation, "
-              "/caption captions, /image PATH switches image.[/dim]", highlight=False)
+    listing = ", ".join(REPL_COMMANDS)
+    stderr.print(f"[dim]Ask about the image; commands: {listing}.[/dim]", highlight=False, soft_wrap=True)
     question = first_question
     while True:
         if question is None:
@@ -137,20 +146,29 @@ def _repl(assistant, picture, first_question, template, options, caption_prompt)
             except EOFError:
                 break
         question = question.strip()
+        command, _, argument = question.partition(" ")
         if question in ("", "/quit", "/exit"):
             break
-        if question == "/reset":
-            history.clear()
-        elif question == "/caption":
-            out.print(assistant.caption(picture, caption_prompt, options=options(False)), highlight=False)
-        elif question.startswith("/image "):
-            try:
-                picture = load_image(question.split(" ", 1)[1].strip())
-                history.clear()
-            except Blip2Error as err:
-                print(f"blip2: error: {err}", file=sys.stderr)
-        else:
+        if not question.startswith("/"):
             answer = assistant.answer(picture, question, template, history=history, options=options(True))
             history.append((question, answer))
-            out.print(f"[bold green]{answer}[/bold green]" if out.is_terminal else answer, highlight=False)
+            out.print(f"[bold green]{answer}[/bold green]" if out.is_terminal else answer, highlight=False, soft_wrap=True)
+        elif command == "/reset":
+            history.clear()
+            stderr.print("conversation forgotten", highlight=False, soft_wrap=True)
+        elif command == "/caption":
+            out.print(assistant.caption(picture, caption_prompt, options=options(False)), highlight=False, soft_wrap=True)
+        elif command == "/image" and argument.strip():
+            try:
+                picture = load_image(argument.strip())
+                history.clear()
+                stderr.print(f"now asking about {argument.strip()} (conversation started over)", highlight=False, soft_wrap=True)
+            except Blip2Error as err:
+                print(f"blip2: error: {err}", file=sys.stderr)
+        elif command == "/help":
+            for name, what in REPL_COMMANDS.items():
+                stderr.print(f"  {name:<12} {what}", highlight=False, soft_wrap=True)
+        else:
+            usage = "/image needs a path: /image PATH" if command == "/image" else f"unknown command {command}"
+            stderr.print(f"{usage}; commands: {listing} (a question cannot start with /)", highlight=False, soft_wrap=True)
         question = None

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from blip2cli.cli import app
+from blip2cli.cli._common import DEVICE, ROOT, dtype_option
 
 CAPFILT_EXAMPLES = """
 Examples:
@@ -24,7 +25,7 @@ Examples:
 
   blip2 capfilt --shards in/ --out out/ --captioner ./my-blip --clip-model ViT-B-16 --clip-pretrained laion2b_s34b_b88k
 
-Rerun the same command to resume: finished output shards are skipped. Paper defaults: 10 captions per
+Rerun the same command to resume: finished output shards are skipped (--restart redoes them). Paper defaults: 10 captions per
 image (nucleus, top-p 0.9, prompt "a picture of"), ranked with the web caption by CLIP ViT-L/14 (OpenAI),
 top 2 kept in json["captions"].
 """
@@ -32,13 +33,13 @@ top 2 kept in json["captions"].
 
 @app.command(epilog=CAPFILT_EXAMPLES)
 def capfilt(
-    shards: Optional[List[str]] = typer.Option(None, "--shards", help="Input shards: brace pattern, glob, folder or files (repeatable; default: <root>/pretrain/DATASET)."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset name for the workspace defaults (default with --shards: the shards' folder name)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <root>/capfilt/DATASET)."),
-    root: Optional[Path] = typer.Option(None, "--root", help="Workspace root (default: $BLIP2_HOME, else ./blip2-data)."),
+    shards: Optional[List[str]] = typer.Option(None, "--shards", help="Input shards: brace pattern, glob, folder or files (repeatable) [default: <root>/pretrain/DATASET]."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset name for the workspace defaults [default with --shards: the shards' folder name]."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder [default: <root>/capfilt/DATASET]."),
+    root: Optional[Path] = ROOT,
     captioner: str = typer.Option("Salesforce/blip-image-captioning-large", "--captioner", help="BLIP captioning model: hub id or local folder."),
     clip_model: str = typer.Option("ViT-L-14", "--clip-model", help="open_clip model name, hf-hub:/local-dir: id, or a model-config .json."),
-    clip_pretrained: Optional[str] = typer.Option("openai", "--clip-pretrained", help="open_clip pretrained tag or local weights file ('' for none)."),
+    clip_pretrained: str = typer.Option("openai", "--clip-pretrained", help="open_clip pretrained tag or local weights file ('' for none)."),
     num_captions: int = typer.Option(10, "--num-captions", help="Captions sampled per image."),
     top_k: int = typer.Option(2, "--top-k", help="Captions kept per image (best first)."),
     top_p: float = typer.Option(0.9, "--top-p", help="Nucleus sampling threshold."),
@@ -47,13 +48,14 @@ def capfilt(
     prompt: str = typer.Option("a picture of", "--prompt", help="Captioner prompt (stripped from the captions)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per forward pass."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed (mixed with each shard's name)."),
-    device: str = typer.Option("auto", "--device", help="auto (the local rank's GPU, else CPU), cpu, cuda:N."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16."),
-    rank: Optional[int] = typer.Option(None, "--rank", help="This process's rank (default: $RANK, else 0)."),
-    world_size: Optional[int] = typer.Option(None, "--world-size", help="Number of processes (default: $WORLD_SIZE, else 1)."),
+    device: str = DEVICE,
+    dtype: str = dtype_option("Models' dtype. auto: bfloat16 on a GPU that supports it, else float16 on a GPU, float32 on the CPU."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="This process's rank [default: $RANK, else 0]."),
+    world_size: Optional[int] = typer.Option(None, "--world-size", help="Number of processes [default: $WORLD_SIZE, else 1]."),
     keep_candidates: bool = typer.Option(False, "--keep-candidates", help="Also store every scored candidate in the json."),
     max_image_pixels: Optional[int] = typer.Option(None, min=1, help="Skip (and count) images larger than this [default: 50 megapixels or $BLIP2_MAX_IMAGE_PIXELS]."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Redo shards whose output already exists."),
+    restart: bool = typer.Option(False, "--restart", help="Redo shards whose output already exists (start over)."),
+    overwrite: bool = typer.Option(False, "--overwrite", hidden=True, help="Old name of --restart."),
 ) -> None:
     """CapFilt webdataset shards: BLIP captions + web caption, ranked by CLIP, top 2 into json["captions"]."""
     from blip2cli.cli._common import quiet_libraries, stderr
@@ -77,7 +79,7 @@ def capfilt(
     )
     out_dir = out if out is not None else capfilt_dir(dataset, root)
     s = run_capfilt(inputs, out_dir, settings, rank=rank, world_size=world_size, device=device, dtype=dtype,
-                    overwrite=overwrite, console=stderr)
+                    overwrite=restart or overwrite, console=stderr)
 
     title = f"capfilt -> {s.out_dir}" + (f" (rank {s.rank} of {s.world_size})" if s.world_size > 1 else "")
     table = Table(title=title)

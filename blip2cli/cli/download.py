@@ -5,10 +5,13 @@
 * ``blip2 download eval TASK``: official annotation files and images for vqav2, okvqa, gqa, coco
   (Karpathy), coco_retrieval, nocaps and flickr30k into ``<root>/eval/<task>/`` with a
   ``manifest.json`` that ``blip2 eval`` reads (:mod:`blip2cli.data.eval_download`).
+* ``blip2 download model NAME...``: hub weights (checkpoints, LLMs, image encoders, what a recipe needs)
+  into the Hugging Face cache, for use without network later (:mod:`blip2cli.hub`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import List, Optional
 
@@ -17,10 +20,11 @@ from rich.console import Console
 from rich.table import Table
 
 from blip2cli.cli import app
+from blip2cli.cli._common import ROOT
 
 download_app = typer.Typer(
     name="download",
-    help="Download pretraining data and evaluation sets into the workspace.",
+    help="Download pretraining data and evaluation sets into the workspace, and model weights for offline use.",
     no_args_is_help=True,
 )
 app.add_typer(download_app, name="download")
@@ -53,8 +57,8 @@ def pretrain(
     annotations: Optional[Path] = typer.Option(None, "--annotations", help="vqa: official-format annotations JSON (the answers)."),
     images: Optional[Path] = typer.Option(None, "--images", help="vqa: the image folder."),
     image_pattern: Optional[str] = typer.Option(None, "--image-pattern", help="vqa: image file name, e.g. 'COCO_train2014_{image_id:012d}.jpg' [default: COCO names or {image_id}.jpg]."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <root>/pretrain/DATASET)."),
-    root: Optional[Path] = typer.Option(None, "--root", help="Workspace root (default: $BLIP2_HOME, else ./blip2-data)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder [default: <root>/pretrain/DATASET]."),
+    root: Optional[Path] = ROOT,
     image_size: int = typer.Option(224, "--image-size", help="Shorter side in pixels (BLIP-2 pretrains at 224)."),
     resize_mode: str = typer.Option("keep_ratio", "--resize-mode", help="keep_ratio, center_crop, border, keep_ratio_largest or no."),
     processes: int = typer.Option(1, "--processes", help="Download processes."),
@@ -123,9 +127,9 @@ licence form: the command says what to fetch and where to put it). Interrupted d
 @download_app.command("eval", epilog=EVAL_EXAMPLES)
 def eval_(
     task: str = typer.Argument(..., help="vqav2, okvqa, gqa, coco, coco_retrieval, nocaps or flickr30k."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <root>/eval/TASK)."),
-    root: Optional[Path] = typer.Option(None, "--root", help="Workspace root (default: $BLIP2_HOME, else ./blip2-data)."),
-    split: Optional[List[str]] = typer.Option(None, "--split", help="Split to fetch (repeatable; default: the task's evaluation splits)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder [default: <root>/eval/TASK]."),
+    root: Optional[Path] = ROOT,
+    split: Optional[List[str]] = typer.Option(None, "--split", help="Split to fetch (repeatable) [default: the task's evaluation splits]."),
     mirror: Optional[str] = typer.Option(None, "--mirror", help="Fetch every file as MIRROR/<file name> instead of the official URL."),
     threads: int = typer.Option(16, "--threads", help="Parallel downloads for per-image sources (nocaps)."),
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds per request."),
@@ -158,3 +162,41 @@ def eval_(
     )
     print(f"{task}: {', '.join(result.splits)} ready; {result.bytes_downloaded / 1e6:.1f} MB downloaded "
           f"in {result.seconds:.1f} s; manifest {result.manifest}")
+
+
+MODEL_EXAMPLES = """
+Examples:
+
+  blip2 download model Salesforce/blip2-opt-2.7b            # what `blip2 ask` uses by default
+
+  blip2 download model pretrain_stage2_opt2.7b              # a recipe's parts: EVA ViT-g, BERT, OPT-2.7B
+
+  blip2 download model opt-2.7b eva-vit-g hf:facebook/dinov2-small
+
+  HF_HOME=/data/hf blip2 download model ./my_stage1.toml    # into another cache
+
+Then, without network: HF_HUB_OFFLINE=1 blip2 ask photo.jpg (blip2 also reads the cache on its own, in a
+few seconds, when the hub cannot be reached).
+"""
+
+
+@download_app.command("model", epilog=MODEL_EXAMPLES)
+def model(
+    names: List[str] = typer.Argument(..., help="Hub ids (owner/name), LLM presets (opt-2.7b...), image encoders (eva-vit-g, clip-vit-l, open_clip:MODEL:TAG, hf:ID) or recipes (their image encoder, BERT, LLM and init_from)."),
+) -> None:
+    """Fetch model weights into the Hugging Face cache ($HF_HOME/hub), for use without network later."""
+    from blip2cli.cli._common import quiet_libraries, stderr
+    from blip2cli.hub import download, download_targets, hub_cache
+
+    quiet_libraries()
+    targets = download_targets(names)
+    if not targets:
+        stderr.print("nothing to download: every part named is local or built from a config", highlight=False)
+        return
+    for target in targets:
+        name = target.repo_id or ":".join(target.open_clip)
+        with stderr.status(f"fetching {target.what} ({name})", spinner="dots") if stderr.is_terminal else contextlib.nullcontext():
+            path = download(target)
+        print(f"{target.what}: {name} -> {path}")
+    stderr.print(f"{len(targets)} model(s) in {hub_cache()}; HF_HUB_OFFLINE=1 uses them without network",
+                 highlight=False)

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from contextlib import nullcontext
 from pathlib import Path
 from typing import List, Optional
 
@@ -13,10 +13,9 @@ import typer
 from blip2cli.cli import _generation as G
 from blip2cli.cli import app
 from blip2cli.cli._common import quiet_libraries, stderr
+from blip2cli.hub import DEFAULT_RETRIEVAL_MODEL
 
-# The released stage-1 (Q-Former retrieval) checkpoint, in transformers' format.
-DEFAULT_RETRIEVAL_MODEL = "Salesforce/blip2-itm-vit-g"
-MODEL = typer.Option(DEFAULT_RETRIEVAL_MODEL, "--model", "-m", help="Stage-1 checkpoint (stage 2: image embeddings only): directory or hub id.")
+MODEL = typer.Option(DEFAULT_RETRIEVAL_MODEL, "--model", "-m", help="Stage-1 checkpoint (stage 2: image embeddings only): checkpoint directory, run directory or hub id. The default is the released stage-1 (Q-Former retrieval) model.")
 JSON_OUTPUT = typer.Option(False, "--json", help="JSON lines on stdout instead of a table.")
 
 EMBED_EXAMPLES = """
@@ -42,7 +41,7 @@ def embed(
     texts: Optional[Path] = typer.Option(None, "--texts", help="Embed texts instead: .txt (one per line) or .jsonl ('text' or 'caption')."),
     pairs: Optional[Path] = typer.Option(None, "--pairs", help='Multimodal embeddings of {"image": ..., "text": ...} JSONL lines.'),
     model: str = MODEL,
-    fmt: str = typer.Option("safetensors", "--format", help="safetensors or numpy (.npy)."),
+    fmt: str = typer.Option("safetensors", "--format", metavar="<safetensors|numpy>", help="Embedding files: safetensors or numpy (.npy)."),
     shard_size: int = typer.Option(10000, "--shard-size", min=1, help="Items per index shard (the unit of resuming)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Items per forward pass."),
     workers: int = G.WORKERS,
@@ -119,7 +118,7 @@ def search(
     image: Optional[str] = typer.Option(None, "--image", help="Image query (for a text index)."),
     top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="Results to show."),
     rerank: int = typer.Option(0, "--rerank", min=0, help="Re-rank the best N by ITC with ITM logit + ITC (0 = off)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Checkpoint [default: the index's]."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Checkpoint directory, run directory or hub id [default: the one that built the index]."),
     json_output: bool = JSON_OUTPUT,
     device: str = G.DEVICE,
     dtype: str = G.DTYPE,
@@ -150,7 +149,7 @@ def _extractor(model: str, device: str, dtype: str):
     from blip2cli.inference.features import FeatureExtractor
 
     torch_device = G.device_for_rank(device)
-    with stderr.status(f"loading {model}", spinner="dots") if stderr.is_terminal else nullcontext():
+    with stderr.status(f"loading {model}", spinner="dots") if stderr.is_terminal else contextlib.nullcontext():
         loaded = load_model(model, dtype=resolve_dtype(dtype, torch_device), device=torch_device)
     return FeatureExtractor(loaded, torch_device)
 

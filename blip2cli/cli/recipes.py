@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -9,7 +8,6 @@ from rich.table import Table
 
 from blip2cli.cli import app
 from blip2cli.cli._common import stderr
-from blip2cli.errors import Blip2Error
 
 recipes_app = typer.Typer(
     name="recipes",
@@ -40,7 +38,7 @@ Examples:
 
   blip2 recipes copy pretrain_stage2_opt2.7b ./my_stage2.toml     # then: blip2 pretrain --recipe ./my_stage2.toml
 
-  blip2 recipes copy tiny_stage1 configs/                         # into a directory, keeping the name
+  blip2 recipes copy tiny_stage1 configs/                         # -> configs/tiny_stage1.toml (made if needed)
 
   blip2 recipes copy tiny_stage1 mine.toml --force                # overwrite
 """
@@ -54,12 +52,11 @@ def list_command() -> None:
     table = Table(title="blip2 recipes", title_justify="left")
     table.add_column("name", style="bold cyan", no_wrap=True)
     table.add_column("stage / task", no_wrap=True)
-    table.add_column("vision / LLM")
-    table.add_column("description")
+    table.add_column("vision / LLM", overflow="fold")
+    table.add_column("description", ratio=1, overflow="fold")
     for info in list_recipes():
         table.add_row(info.name, f"{info.stage} / {info.task}", f"{info.vision} / {info.llm or '-'}", info.description)
-    # A wide console: the table goes to stdout, and piping it should not wrap every description.
-    Console(width=max(Console().width, 160)).print(table)
+    Console().print(table)  # the terminal's width ($COLUMNS when piped): long descriptions wrap
 
 
 # ignore_unknown_options lets `--train.max_steps=10` through as an override, as torchtune/litgpt users type it.
@@ -86,16 +83,12 @@ def show_command(
 @recipes_app.command("copy", epilog=COPY_EXAMPLES)
 def copy_command(
     name: str = typer.Argument(..., help="A shipped recipe name (see `blip2 recipes list`)."),
-    dest: Path = typer.Argument(..., help="Destination file, or an existing directory to copy NAME.toml into."),
-    force: bool = typer.Option(False, "--force", "-f", help="Overwrite DEST if it exists."),
+    dest: str = typer.Argument(..., help="Destination file, or a directory (an existing one, or any path ending in /) to copy NAME.toml into."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite the destination file if it exists."),
 ) -> None:
     """Copy a shipped recipe, comments and all, to edit it and pass it back with --recipe."""
-    from blip2cli.recipes import find_recipe
+    from blip2cli.recipes import copy_recipe
 
-    source = find_recipe(name)
-    target = dest / source.name if dest.is_dir() else dest
-    if target.exists() and not force:
-        raise Blip2Error(f"{target} already exists; pass --force to overwrite it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
-    stderr.print(f"[green]copied[/green] {source.stem} -> {target}")
+    target = copy_recipe(name, dest, force=force)
+    stderr.print(f"[green]copied[/green] {name} -> {target}; edit it, then pass it back with --recipe {target}",
+                 highlight=False, soft_wrap=True)

@@ -6,7 +6,7 @@ from typing import List, Optional
 import typer
 
 from blip2cli.cli import app
-from blip2cli.cli._common import quiet_libraries, stderr
+from blip2cli.cli._common import DEVICE, ROOT, quiet_libraries, stderr
 
 PRETRAIN_EXAMPLES = """
 Examples:
@@ -17,7 +17,9 @@ Examples:
 
   blip2 pretrain --stage 2 --llm opt-2.7b                    # starts from the latest stage-1 run
 
-  blip2 pretrain --stage 1 --recipe tiny_stage1 data.shards='["shards/{00000..00003}.tar"]'
+  blip2 pretrain --recipe tiny_stage1 data.shards='["shards/{00000..00003}.tar"]'   # the recipe's stage
+
+  blip2 pretrain --recipe ./my_stage2.toml                   # a copy from `blip2 recipes copy`
 
   blip2 pretrain --stage 1 --nproc-per-node 8                # relaunches itself under torchrun
 
@@ -33,7 +35,7 @@ Examples:
 """
 
 SCHEDULE_HELP = "Resume although train.max_steps or the learning-rate schedule differs from the checkpoint's."
-LAUNCH_HELP = "Launch this many processes per node under torchrun (GPUs per node)."
+LAUNCH_HELP = "Launch this many processes per node under torchrun (GPUs per node) [default: this process only]."
 
 
 def _launch_options(nproc_per_node, nnodes, node_rank, rdzv_endpoint) -> bool:
@@ -48,7 +50,10 @@ def _launch_options(nproc_per_node, nnodes, node_rank, rdzv_endpoint) -> bool:
 
 def _run(plan, resume: str, dry_run: bool, device: str, allow_schedule_change: bool) -> None:
     from blip2cli.distributed import process_group_ended
+    from blip2cli.training.launch import training_device
     from blip2cli.training.loop import train
+
+    device = training_device(device)
 
     for note in plan.notes:
         stderr.print(f"[yellow]{note}[/yellow]")
@@ -64,21 +69,21 @@ def _run(plan, resume: str, dry_run: bool, device: str, allow_schedule_change: b
 )
 def pretrain(
     overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides, key.sub=value."),
-    stage: int = typer.Option(..., "--stage", min=1, max=2, help="1: ITC/ITM/ITG with a frozen image encoder; 2: frozen LLM."),
-    vision: Optional[str] = typer.Option(None, help="Image encoder: eva-vit-g, clip-vit-l, open_clip:..., hf:..."),
-    llm: Optional[str] = typer.Option(None, help="Stage 2: opt-2.7b, opt-6.7b, flant5-xl, flant5-xxl, a hub id or path."),
+    stage: Optional[int] = typer.Option(None, "--stage", min=1, max=2, help="1: ITC/ITM/ITG with a frozen image encoder; 2: frozen LLM [default: the --recipe's model.stage; one of the two is needed]."),
+    vision: Optional[str] = typer.Option(None, help="Image encoder: eva-vit-g, clip-vit-l, open_clip:..., hf:... [default: the recipe's]."),
+    llm: Optional[str] = typer.Option(None, help="Stage 2: opt-2.7b, opt-6.7b, flant5-xl, flant5-xxl, a hub id or path [default: the recipe's]."),
     init_from: Optional[str] = typer.Option(None, help="Stage 2: the stage-1 checkpoint to start from [default: latest in workspace]."),
     recipe: Optional[str] = typer.Option(None, help="Recipe name (`blip2 recipes list`) or TOML file [default: by stage/vision/llm]."),
-    out: Optional[Path] = typer.Option(None, help="Run directory [default: <workspace>/runs/<recipe>]."),
-    root: Optional[str] = typer.Option(None, help="Workspace root [default: $BLIP2_HOME or ./blip2-data]."),
+    out: Optional[Path] = typer.Option(None, help="Run directory [default: <root>/runs/RECIPE, the recipe's whole name]."),
+    root: Optional[Path] = ROOT,
     resume: str = typer.Option("auto", help="auto (continue the run's latest checkpoint), never, or a checkpoint path."),
     allow_schedule_change: bool = typer.Option(False, "--allow-schedule-change", help=SCHEDULE_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help="Resolve, build, count parameters, load one batch, exit."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = DEVICE,
     nproc_per_node: Optional[int] = typer.Option(None, help=LAUNCH_HELP),
     nnodes: str = typer.Option("1", help="Nodes (torchrun --nnodes)."),
     node_rank: int = typer.Option(0, help="This node's rank (torchrun --node-rank)."),
-    rdzv_endpoint: Optional[str] = typer.Option(None, help="host:port of the rendezvous (torchrun --rdzv-endpoint)."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, help="host:port of the rendezvous (torchrun --rdzv-endpoint) [default: standalone, one node]."),
 ) -> None:
     """Pretrain BLIP-2: stage 1 (Q-Former representation learning) or stage 2 (frozen LLM)."""
     quiet_libraries()
@@ -95,16 +100,16 @@ def finetune(
     overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides, key.sub=value."),
     init_from: Optional[str] = typer.Option(None, help="Checkpoint to fine-tune (stage 2 for caption/vqa, stage 1 for retrieval)."),
     recipe: Optional[str] = typer.Option(None, help="Recipe name or TOML file [default: the task's]."),
-    out: Optional[Path] = typer.Option(None, help="Run directory [default: <workspace>/runs/<recipe>]."),
-    root: Optional[str] = typer.Option(None, help="Workspace root."),
-    resume: str = typer.Option("auto", help="auto, never, or a checkpoint path."),
+    out: Optional[Path] = typer.Option(None, help="Run directory [default: <root>/runs/RECIPE, the recipe's whole name]."),
+    root: Optional[Path] = ROOT,
+    resume: str = typer.Option("auto", help="auto (continue the run's latest checkpoint), never, or a checkpoint path."),
     allow_schedule_change: bool = typer.Option(False, "--allow-schedule-change", help=SCHEDULE_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help="Resolve, build, count parameters, load one batch, exit."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = DEVICE,
     nproc_per_node: Optional[int] = typer.Option(None, help=LAUNCH_HELP),
     nnodes: str = typer.Option("1", help="Nodes (torchrun --nnodes)."),
-    node_rank: int = typer.Option(0, help="This node's rank."),
-    rdzv_endpoint: Optional[str] = typer.Option(None, help="host:port of the rendezvous."),
+    node_rank: int = typer.Option(0, help="This node's rank (torchrun --node-rank)."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, help="host:port of the rendezvous (torchrun --rdzv-endpoint) [default: standalone, one node]."),
 ) -> None:
     """Fine-tune a BLIP-2 checkpoint for captioning, VQA or retrieval."""
     quiet_libraries()

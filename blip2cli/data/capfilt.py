@@ -56,6 +56,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from blip2cli import hub
 from blip2cli.errors import Blip2Error
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -144,6 +145,8 @@ class BlipCaptioner:
         self.s = settings
         self.device = device
         self.dtype = dtype or torch.float32
+        if hub.looks_like_hub_id(settings.captioner):
+            hub.require(settings.captioner, "CapFilt captioner")  # offline: one line, not minutes of retries
         try:
             self.processor = BlipProcessor.from_pretrained(settings.captioner)
             self.model = BlipForConditionalGeneration.from_pretrained(settings.captioner, dtype=self.dtype)
@@ -194,6 +197,10 @@ class ClipRanker:
             name = Path(name).stem
         quick_gelu = bool(pretrained and open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu"))
         what = f"{model_name}" + (f" ({pretrained})" if pretrained else "")
+        if name.startswith("hf-hub:"):
+            hub.require(name[len("hf-hub:"):], "CapFilt ranker")
+        else:
+            hub.require_open_clip(name, pretrained, "CapFilt ranker")
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=pretrained or None, force_quick_gelu=quick_gelu, device=device,

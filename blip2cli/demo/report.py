@@ -22,7 +22,7 @@ from blip2cli.plotting import font, line_chart, read_losses, side_by_side, smoot
 
 # ----------------------------------------------------------------- table
 def targets(result) -> list[dict[str, Any]]:
-    """One row per headline metric: value, baseline, the issue's target and whether it is met."""
+    """One row per headline metric: value, baseline, and the target the full-size demo is meant to reach."""
     m, b = result.metrics, result.baselines
     rows: list[dict[str, Any]] = []
     chance = b.get("retrieval_chance_r1", 0.0)
@@ -55,17 +55,55 @@ def targets(result) -> list[dict[str, Any]]:
     return rows
 
 
+def target_cell(row: dict[str, Any], counts: bool) -> str:
+    """The target column: the target with ✓ / ✗ where the run is sized to reach it (``counts``), else the
+    target for information, with whether it was reached, and no verdict."""
+    if row["target"] is None:
+        return row["target_text"]
+    reached = row["value"] >= row["target"]
+    if counts:
+        return f"{row['target_text']} " + ("[green]✓[/green]" if reached else "[red]✗[/red]")
+    return f"[dim]{row['target_text']} ({'reached' if reached else 'not reached'}; full size only)[/dim]"
+
+
+def closing_lines(result) -> list[str]:
+    """What the demo ends with: how long it took against the stated spread, where its checkpoints are and
+    the exact ``blip2 ask`` commands that work on them."""
+    import shlex
+
+    from blip2cli.demo.runner import DEMO_SIZES
+
+    size = DEMO_SIZES[result.size]
+    runs = result.out / "runs"
+    stage2 = runs / "stage2" / "final"
+    minutes = sum(result.seconds.values()) / 60
+    lines = [f"blip2 demo --size {size.world} took {minutes:.1f} minutes (runs of this size: {size.duration()})."]
+    checkpoints = [f"stage 1 {runs / 'stage1' / 'final'}", f"stage 2 {stage2}"]
+    if (runs / "stage2_no_stage1" / "final").exists():
+        checkpoints.append(f"stage 2 without stage 1 {runs / 'stage2_no_stage1' / 'final'}")
+    lines.append("checkpoints: " + "; ".join(checkpoints))
+    lines.append(f"plots: {result.out / 'losses.png'}; gallery: {result.out / 'gallery.png'}; figures: "
+                 f"{result.out / 'results.json'}; scorer: {result.scorer}")
+    if result.ask:
+        # The commands the ask stage ran, without prompt flags: the checkpoint remembers its prompts.
+        image, model = shlex.quote(str(result.ask["image"])), shlex.quote(str(stage2))
+        lines.append(f"try it: blip2 ask {image} --model {model}")
+        lines.append(f"        blip2 ask {image} {shlex.quote('what color is the shape?')} --model {model}")
+    return lines
+
+
 def print_report(result, console: Console | None = None) -> None:
+    from blip2cli.demo.runner import DEMO_SIZES
+
     console = console or Console()
+    counts = DEMO_SIZES[result.size].targets
     table = Table(title="blip2 demo: held-out split (half of it unseen colour-shape pairs)")
     for col, kw in (("metric", {}), ("model", {}), ("value", {"justify": "right"}), ("baseline", {}),
-                    ("issue target", {})):
+                    ("target", {})):
         table.add_column(col, **kw)
     for row in targets(result):
-        ok = row["target"] is None or row["value"] >= row["target"]
-        mark = "" if row["target"] is None else (" [green]✓[/green]" if ok else " [red]✗[/red]")
         table.add_row(row["metric"], row["run"], f"{row['value']:.1f}", f"{row['baseline']:.1f} {row['baseline_name']}",
-                      f"{row['target_text']}{mark}")
+                      target_cell(row, counts))
     console.print(table)
     console.print(f"(per-question-type majority answers would score {type_majority_of(result):.1f} on VQA)",
                   highlight=False)
@@ -84,12 +122,8 @@ def print_report(result, console: Console | None = None) -> None:
         console.print(f"[bold]blip2 ask[/bold] {a['image']} (truth: {a['truth']})\n"
                       f"  caption: {a['caption']}\n  {a['question']} → {a['answer']} (expected {a['expected_answer']})",
                       highlight=False)
-    console.print(f"scorer: {result.scorer}; plots: {result.out / 'losses.png'}, gallery: {result.out / 'gallery.png'}",
-                  highlight=False)
-    if result.ask:
-        # The command the ask stage ran, with no prompt flags: the checkpoint remembers its prompts.
-        console.print(f"Try it: blip2 ask {result.ask['image']} \"what color is the shape?\" "
-                      f"--model {result.out / 'runs' / 'stage2' / 'final'}", highlight=False, soft_wrap=True)
+    for line in closing_lines(result):
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 def type_majority_of(result) -> float:

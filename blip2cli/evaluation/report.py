@@ -1,4 +1,5 @@
-"""``blip2 eval report RUN_DIR...``: one table of evaluation runs next to the paper's numbers."""
+"""``blip2 eval report RUN_DIR...``: one table of evaluation runs next to the paper's numbers, and the table
+``blip2 eval`` prints for one run."""
 
 from __future__ import annotations
 
@@ -8,8 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from blip2cli.errors import Blip2Error
-from blip2cli.evaluation.runner import METRICS_JSON
-from blip2cli.evaluation.tasks import HEADLINE_METRICS, PAPER_MODELS, paper_model_key, paper_numbers, task_spec
+from blip2cli.evaluation.tasks import (
+    HEADLINE_METRICS,
+    METRICS_JSON,
+    PAPER_MODELS,
+    model_label,
+    paper_model_key,
+    paper_numbers,
+    task_spec,
+)
 
 WARNING_MARK = "⚠"  # marks a value whose run's outputs look degenerate (``output_stats`` warnings)
 UNLEMMATIZED_MARK = "†"  # marks an OK-VQA accuracy computed without the lemmatiser the paper's protocol applies
@@ -29,6 +37,40 @@ def load_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(metrics, dict) or "task" not in metrics:
         raise Blip2Error(f"{path} is not a blip2 eval metrics file (no 'task')")
     return metrics
+
+
+def collect_runs(paths: list[str | os.PathLike]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The ``blip2 eval`` output directories among ``paths``, and the paths skipped with the reason for each.
+
+    A path is a run when it holds a readable ``metrics.json``; a directory that is not one but has runs
+    among its subdirectories (``runs/eval/``, or a mixed ``runs/``) stands for them, its other
+    subdirectories being skipped.
+    """
+    runs: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+
+    def check(path: Path) -> str | None:
+        if path.is_dir() and not (path / METRICS_JSON).is_file():
+            return f"no {METRICS_JSON}: not a `blip2 eval` output directory"
+        try:
+            load_metrics(path)
+        except Blip2Error as err:
+            return str(err)
+        return None
+
+    for given in map(Path, paths):
+        reason = check(given) if given.exists() else f"{given} does not exist"
+        if reason is None:
+            runs.append(given)
+            continue
+        children = sorted(p for p in given.iterdir() if p.is_dir()) if given.is_dir() else []
+        found = {child: check(child) for child in children}
+        if any(why is None for why in found.values()):
+            runs += [child for child, why in found.items() if why is None]
+            skipped += [(child, why) for child, why in found.items() if why is not None]
+        else:
+            skipped.append((given, reason))
+    return runs, skipped
 
 
 def output_warnings(metrics: dict[str, Any]) -> list[str]:
@@ -53,8 +95,25 @@ def unlemmatized(metrics: dict[str, Any]) -> bool:
     return task_spec(metrics["task"]).name == "okvqa" and metrics.get("lemmatized") is not True
 
 
+def not_applicable(metrics: dict[str, Any]) -> dict[str, str]:
+    """Metrics of a run that do not mean what their name says, each with the reason: retrieval recall at K
+    when ITM re-ranked fewer than K candidates (``--k-test``), and the means that include them."""
+    if task_spec(metrics["task"]).kind != "retrieval":
+        return {}
+    settings = metrics.get("settings") if isinstance(metrics.get("settings"), dict) else {}
+    k_test = settings.get("k_test")
+    if not isinstance(k_test, int):
+        return {}
+    why = f"--k-test {k_test}: only {k_test} candidate(s) re-ranked"
+    out = {f"{side}_r{k}": why for k in (5, 10) if k > k_test for side in ("txt", "img")}
+    if out:
+        out.update({name: why for name in ("txt_r_mean", "img_r_mean", "r_mean")})
+    return out
+
+
 def report_rows(run_dirs: list[str | os.PathLike]) -> list[dict[str, Any]]:
-    """One row per (run, headline metric): run, task, split, model, paper row, metric, value, paper, delta,
+    """One row per (run, headline metric): run, task, split, model, model_label (``model_label``), paper row,
+    metric, value, paper, delta, applies (False with ``--k-test`` below K, see ``not_applicable``),
     num_items, protocol (``protocol_label``), unlemmatized (``unlemmatized``), warnings (the run's output
     sanity notes)."""
     rows = []
@@ -64,6 +123,7 @@ def report_rows(run_dirs: list[str | os.PathLike]) -> list[dict[str, Any]]:
         model = metrics.get("model", "")
         paper = paper_numbers(spec.name, model)
         paper_row = PAPER_MODELS.get(paper_model_key(model) or "", "")
+        skip = not_applicable(metrics)
         for name in HEADLINE_METRICS[spec.kind]:
             if name not in metrics and name not in paper:
                 continue
@@ -71,36 +131,44 @@ def report_rows(run_dirs: list[str | os.PathLike]) -> list[dict[str, Any]]:
             reference = paper.get(name)
             delta = value - reference if isinstance(value, (int, float)) and reference is not None else None
             rows.append({"run": str(run_dir), "task": spec.name, "split": metrics.get("split", ""), "model": model,
-                         "paper_model": paper_row, "metric": name, "value": value, "paper": reference, "delta": delta,
-                         "num_items": metrics.get("num_items"), "protocol": protocol_label(metrics),
-                         "unlemmatized": unlemmatized(metrics), "warnings": output_warnings(metrics)})
+                         "model_label": model_label(model) if model else "", "paper_model": paper_row,
+                         "metric": name, "value": value, "paper": reference, "delta": delta,
+                         "applies": name not in skip, "num_items": metrics.get("num_items"),
+                         "protocol": protocol_label(metrics), "unlemmatized": unlemmatized(metrics),
+                         "warnings": output_warnings(metrics)})
     return rows
 
 
 def report_table(run_dirs: list[str | os.PathLike]):
-    """A rich table of ``report_rows``."""
+    """A rich table with one row per run (its metrics on lines of their own within the row)."""
     from rich.table import Table
 
-    table = Table(title="blip2 eval: runs vs the paper")
+    table = Table(title="blip2 eval: runs vs the paper", show_lines=True, caption_justify="left")
     columns = ("run", "task", "split", "items", "model (paper row)", "protocol", "metric", "value", "paper", "Δ")
     for column in columns:
         table.add_column(column, justify="right" if column in ("items", "value", "paper", "Δ") else "left")
-    flagged = unlemmatized_seen = False
+    flagged = unlemmatized_seen = not_applicable_seen = False
+    by_run: dict[str, list[dict[str, Any]]] = {}
     for row in report_rows(run_dirs):
-        model = Path(row["model"]).name if row["model"] else ""
-        if row["paper_model"]:
-            model += f" ({row['paper_model']})"
-        value = "skipped" if row["value"] is None else _fmt(row["value"])
-        if row["unlemmatized"]:
-            value = f"{UNLEMMATIZED_MARK} {value}"
-            unlemmatized_seen = True
-        if row["warnings"]:
-            value = f"{WARNING_MARK} {value}"
-            flagged = True
-        table.add_row(
-            Path(row["run"]).name, row["task"], row["split"], _fmt(row["num_items"], 0), model, row["protocol"],
-            row["metric"], value, _fmt(row["paper"]), _fmt(row["delta"], signed=True),
-        )
+        by_run.setdefault(row["run"], []).append(row)
+    for run, rows in by_run.items():
+        first = rows[0]
+        model = first["model_label"] + (f" ({first['paper_model']})" if first["paper_model"] else "")
+        cells: dict[str, list[str]] = {"metric": [], "value": [], "paper": [], "Δ": []}
+        for row in rows:
+            value = "skipped" if row["value"] is None else _fmt(row["value"])
+            if not row["applies"]:
+                value, not_applicable_seen = f"n/a ({value})", True
+            if row["unlemmatized"]:
+                value, unlemmatized_seen = f"{UNLEMMATIZED_MARK} {value}", True
+            if row["warnings"]:
+                value, flagged = f"{WARNING_MARK} {value}", True
+            cells["metric"].append(row["metric"])
+            cells["value"].append(value)
+            cells["paper"].append(_fmt(row["paper"]))
+            cells["Δ"].append(_fmt(row["delta"], signed=True) if row["applies"] else "—")
+        table.add_row(Path(run).name, first["task"], first["split"], _fmt(first["num_items"], 0), model,
+                      first["protocol"], *("\n".join(cells[c]) for c in ("metric", "value", "paper", "Δ")))
     captions = []
     if flagged:
         captions.append(f"{WARNING_MARK}: suspicious outputs (many empty or identical ones, or one over-predicted answer); "
@@ -108,6 +176,9 @@ def report_table(run_dirs: list[str | os.PathLike]):
     if unlemmatized_seen:
         captions.append(f"{UNLEMMATIZED_MARK}: OK-VQA answers not lemmatised (spaCy or its model missing, or "
                         "--no-lemmatize): not comparable with the paper's figure")
+    if not_applicable_seen:
+        captions.append("n/a: recall at K with fewer than K candidates re-ranked by ITM (--k-test): the ranks "
+                        "beyond them are not scored, so the figure (in brackets) does not measure retrieval")
     if captions:
         table.caption = "\n".join(captions)
     return table
@@ -127,9 +198,13 @@ def metrics_table(metrics: dict[str, Any]):
         names = ["BLEU-1", "BLEU-2", "BLEU-3"] + names
     if spec.kind == "retrieval":
         names += ["txt_r_mean", "img_r_mean"]
+    skip = not_applicable(metrics)
     for name in names:
         if name in metrics:
-            table.add_row(name, "skipped" if metrics[name] is None else _fmt(metrics[name]), _fmt(paper.get(name)))
+            value = "skipped" if metrics[name] is None else _fmt(metrics[name])
+            table.add_row(name, f"n/a ({value})" if name in skip else value, _fmt(paper.get(name)))
+    if skip:
+        table.caption = f"n/a: {next(iter(skip.values()))}, so recall beyond them does not measure retrieval"
     for answer_type, value in (metrics.get("per_type") or {}).items():
         table.add_row(f"  {answer_type}", _fmt(value), "")
     for domain, values in (metrics.get("per_domain") or {}).items():

@@ -32,11 +32,10 @@ from blip2cli.errors import Blip2Error
 from blip2cli.jsonl import append_records, iter_records
 from blip2cli.evaluation import metrics as M
 from blip2cli.evaluation.datasets import EvalData, EvalItem
-from blip2cli.evaluation.tasks import EvalSettings, default_settings, resolve_settings, task_spec
+from blip2cli.evaluation.tasks import METRICS_JSON, EvalSettings, default_settings, resolve_settings, task_spec
 
 PREDICTIONS_JSONL = "predictions.jsonl"
 PREDICTIONS_JSON = "predictions.json"
-METRICS_JSON = "metrics.json"
 RUN_JSON = "run.json"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from blip2cli.errors import Blip2Error
@@ -36,8 +37,30 @@ TASKS: dict[str, TaskSpec] = {
     "coco_retrieval": TaskSpec("coco_retrieval", "retrieval", "test", "Salesforce/blip2-itm-vit-g-coco",
                                "COCO 5k Karpathy test retrieval"),
 }
+METRICS_JSON = "metrics.json"  # what marks a `blip2 eval` output directory (written by runner.py)
+
 _ALIASES = {"coco-retrieval": "coco_retrieval", "coco_caption": "coco", "coco-caption": "coco", "ok-vqa": "okvqa",
             "vqa": "vqav2", "flickr": "flickr30k"}
+
+
+def model_folder_name(model_id: str) -> str:
+    """The model part of ``blip2 eval``'s default output folder (``TASK-MODEL``): a checkpoint directory's
+    name, with its run's for ``RUN/final`` and ``RUN/step-N`` (``stage2-final``); a hub id's last part."""
+    path = Path(str(model_id).rstrip("/"))
+    if path.name == "final" or path.name.startswith("step-"):
+        return f"{path.parent.name}-{path.name}"
+    return path.name or "model"
+
+
+def model_label(model_id: str) -> str:
+    """A model as a report shows it: the run's name for ``RUN/final`` (``stage2``), ``RUN/step-N`` for a
+    step checkpoint, a hub id's or directory's last part otherwise."""
+    path = Path(str(model_id).rstrip("/"))
+    if path.name == "final":
+        return path.parent.name or "final"
+    if path.name.startswith("step-"):
+        return f"{path.parent.name}/{path.name}"
+    return path.name
 
 
 def task_spec(name: str) -> TaskSpec:

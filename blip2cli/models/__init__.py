@@ -4,6 +4,8 @@ The classes below are imported on first use, so that light modules of this packa
 can be imported without torch and transformers.
 """
 
+from blip2cli.lazy import lazy_attributes
+
 __all__ = ["Blip2ModelConfig", "Blip2Stage1Model", "Blip2Stage2Model", "Stage1LossConfig"]
 
 _WHERE = {
@@ -14,9 +16,4 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str):
-    if name in _WHERE:
-        import importlib
-
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _WHERE)

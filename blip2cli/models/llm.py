@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedConfig
 
+from blip2cli import hub
 from blip2cli.models.config import clean_config_dict
 
 # Short names for the LLMs BLIP-2 was released with. Anything else is passed through as a hub id or path.
@@ -203,7 +204,8 @@ def load_language_model(
     (transformers keeps a few modules in fp32 regardless, e.g. T5's ``wo`` under fp16; LAVIS runs
     FlanT5 in bf16, see ``LAVIS_DTYPES``.)
     ``newline_eos``: None -> "\\n" ends text for OPT only; True/False forces it for a causal LM.
-    Raises ``LanguageModelUnavailable`` (one line) when the files cannot be found.
+    Raises ``blip2cli.errors.ModelNotFoundError`` (one line) for a hub id that is neither reachable nor cached
+    (``blip2cli.hub.require``), ``LanguageModelUnavailable`` (one line) when the files cannot be found otherwise.
     """
     name = str(name_or_path)
     target = resolve_language_model(name)
@@ -211,6 +213,8 @@ def load_language_model(
         target = str(Path(target).expanduser())
     elif target.startswith((".", "/", "~")) or target.count("/") > 1:  # a hub id has at most one "/"
         raise LanguageModelUnavailable(f"cannot load language model {name}: no such directory {target}")
+    else:
+        hub.require(target, "language model", name)  # offline: one line now, not minutes of retries
     try:
         config = AutoConfig.from_pretrained(target)
         tokenizer = AutoTokenizer.from_pretrained(target)

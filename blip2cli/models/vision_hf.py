@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
+from blip2cli import hub
 from blip2cli.models.config import clean_config_dict
 from blip2cli.models.preprocessing import ImagePreprocessing, from_image_processor_dict
 
@@ -141,6 +142,9 @@ class HFVisionEncoder(nn.Module):
 
 def load_hf_vision_trunk(name_or_path: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """Load a hub id or local directory with ``AutoModel``; keep only the vision tower of a two-tower model."""
+    if hub.looks_like_hub_id(name_or_path):
+        hub.require(name_or_path, "image encoder", f"hf:{name_or_path}",
+                    local="pass a local directory instead: 'hf:/path/to/model'")
     try:
         model = AutoModel.from_pretrained(name_or_path, dtype=dtype or torch.float32)
     except (OSError, ValueError) as err:
@@ -165,6 +169,9 @@ def hf_preprocessing(name_or_path: str) -> ImagePreprocessing | None:
     """The preprocessing in a transformers model's image-processor config, or None when it has none."""
     from transformers.image_processing_base import ImageProcessingMixin
 
+    if hub.looks_like_hub_id(name_or_path):
+        hub.require(name_or_path, "image encoder", f"hf:{name_or_path}",
+                    local="pass a local directory instead: 'hf:/path/to/model'")
     try:
         values, _ = ImageProcessingMixin.get_image_processor_dict(name_or_path)
     except (OSError, ValueError) as err:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers import Blip2VisionConfig, Blip2VisionModel
 
+from blip2cli import hub
 from blip2cli.models.config import clean_config_dict
 from blip2cli.models.eva_convert import convert_eva_state_dict, eva_vit_g_config
 from blip2cli.models.preprocessing import ImagePreprocessing, paper_preprocessing
@@ -115,6 +116,9 @@ def encoder_preprocessing(name_or_spec: str | dict[str, Any]) -> ImagePreprocess
 def _hf_native_size(name_or_path: str) -> int | None:
     from transformers import AutoConfig
 
+    if hub.looks_like_hub_id(name_or_path):
+        hub.require(name_or_path, "image encoder", f"hf:{name_or_path}",
+                    local="pass a local directory instead: 'hf:/path/to/model'")
     config = AutoConfig.from_pretrained(name_or_path)
     config = getattr(config, "vision_config", None) or config
     size = getattr(config, "image_size", None)

@@ -256,10 +256,14 @@ def fetch_open_clip_weights(name: str, tag: str, local_hint: str | None = None) 
     """Local path of the weights file for an open_clip ``name``/``tag`` (downloaded or from the cache)."""
     import open_clip
 
+    from blip2cli import hub
+
+    hint = local_hint or f"open_clip:{name}:/path/to/open_clip_model.safetensors"
+    # offline: one line now, not minutes of retries
+    hub.require_open_clip(name, tag, "image encoder", local=f"pass a local file instead: {hint!r}")
     try:
         path = open_clip.download_pretrained(open_clip.get_pretrained_cfg(name, tag))
     except Exception as err:
-        hint = local_hint or f"open_clip:{name}:/path/to/open_clip_model.safetensors"
         raise RuntimeError(
             f"could not fetch open_clip weights {name}:{tag} ({short_error(err)}); "
             f"without network, pass a local file instead: {hint!r}"

@@ -45,18 +45,21 @@ def default_recipe_name(stage: int, vision: str | None, llm: str | None) -> str:
 
 
 def plan_pretrain(
-    stage: int,
+    stage: int | None,
     recipe: str | None,
     overrides: list[str],
     vision: str | None = None,
     llm: str | None = None,
     init_from: str | None = None,
     out: Path | None = None,
-    root: str | None = None,
+    root: str | Path | None = None,
 ) -> LaunchPlan:
+    """``stage`` may be None when ``recipe`` is given: the recipe's ``model.stage`` is the stage then."""
     notes: list[str] = []
+    if stage is None and recipe is None:
+        raise Blip2Error("give --stage 1 or --stage 2, or --recipe NAME_OR_FILE (whose model.stage is the stage)")
     name = recipe or default_recipe_name(stage, vision, llm)
-    flag_overrides = [f"model.stage={stage}"]
+    flag_overrides = []
     if vision:
         flag_overrides.append(f"model.vision={vision}")
     if llm:
@@ -64,7 +67,10 @@ def plan_pretrain(
     if init_from:
         flag_overrides.append(f"model.init_from={init_from}")
     resolved = load_recipe(name, flag_overrides + list(overrides))
-    if stage == 2 and not resolved.model.init_from:
+    if stage is not None and stage != resolved.model.stage:
+        raise Blip2Error(f"--stage {stage}, but recipe {name} trains stage {resolved.model.stage}; drop --stage "
+                         f"(the recipe sets it) or pick a stage-{stage} recipe")
+    if resolved.model.stage == 2 and not resolved.model.init_from:
         latest = latest_final_checkpoint(1, root)
         if latest is not None:
             resolved.model.init_from = str(latest)
@@ -76,7 +82,7 @@ def plan_pretrain(
 
 
 def plan_finetune(task: str, recipe: str | None, overrides: list[str], init_from: str | None,
-                  out: Path | None = None, root: str | None = None) -> LaunchPlan:
+                  out: Path | None = None, root: str | Path | None = None) -> LaunchPlan:
     if task not in FINETUNE_RECIPES:
         raise Blip2Error(f"unknown fine-tuning task {task!r}; use one of {', '.join(FINETUNE_RECIPES)}")
     name = recipe or FINETUNE_RECIPES[task]
@@ -87,8 +93,24 @@ def plan_finetune(task: str, recipe: str | None, overrides: list[str], init_from
     return _finish(resolved, name, out, root, [])
 
 
-def _finish(recipe: Recipe, name: str, out: Path | None, root: str | None, notes: list[str]) -> LaunchPlan:
-    recipe_name = Path(name).stem
+def training_device(device: str) -> str:
+    """``--device`` for training: each process takes its local rank's GPU (``init_distributed``), so a GPU
+    other than the first is chosen with CUDA_VISIBLE_DEVICES; ``cuda:N`` with N > 0 says so in one line."""
+    kind, _, index = device.partition(":")
+    if kind == "cuda" and index not in ("", "0"):
+        raise Blip2Error(f"--device {device}: training uses each process's own GPU; to train on GPU {index}, "
+                         f"run CUDA_VISIBLE_DEVICES={index} blip2 ... --device cuda")
+    return device
+
+
+def run_name(recipe: str) -> str:
+    """A run directory's name: the recipe's, whole (``pretrain_stage2_opt2.7b``); a file's without ``.toml``."""
+    name = Path(recipe).name
+    return name[: -len(".toml")] if name.endswith(".toml") else name
+
+
+def _finish(recipe: Recipe, name: str, out: Path | None, root: str | Path | None, notes: list[str]) -> LaunchPlan:
+    recipe_name = run_name(name)
     run_dir = Path(out) if out else Path(recipe.train.out_dir) if recipe.train.out_dir else runs_dir(recipe_name, root)
     shards = list(recipe.data.shards) or workspace_shards(root)
     if not shards:
@@ -97,9 +119,12 @@ def _finish(recipe: Recipe, name: str, out: Path | None, root: str | None, notes
             f"({workspace_root(root)}) with `blip2 download pretrain`"
         )
     from blip2cli.data.training import expand_shards
+    from blip2cli.hub import recipe_targets, require_all
 
-    # Expanding now turns a missing shard into a one-line error before any model is built.
+    # Expanding now turns a missing shard into a one-line error before any model is built; so does a part
+    # that is neither on a reachable hub nor in the cache.
     shard_files = sum(len(expand_shards(spec)) for spec in shards)
+    require_all(recipe_targets(recipe))
     return LaunchPlan(recipe, recipe_name, run_dir, shards, notes, shard_files)
 
 
