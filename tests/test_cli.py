@@ -247,7 +247,7 @@ def test_a_cached_model_loads_without_the_hub(no_hub, hf_opt_dir):
 
 
 def test_download_model_names_what_it_fetches(no_hub):
-    from blip2cli.hub import Target, download_targets
+    from blip2cli.hub import download_targets
 
     targets = download_targets(["pretrain_stage2_opt2.7b", "opt-2.7b", "Salesforce/blip2-opt-2.7b", "hf:org/enc"])
     assert [(t.what, t.repo_id, t.open_clip) for t in targets] == [
