@@ -86,6 +86,7 @@ def main() -> int:
     parser.add_argument("--stage1-batch", type=int, default=None, help="per-GPU batch [real: 105, the paper's 1680/16]")
     parser.add_argument("--stage2-batch", type=int, default=None, help="per-GPU batch [real: 16]")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--jsonl", type=Path, default=None, help="also append one JSON record per case here")
     args = parser.parse_args()
     device = torch.device(args.device)
     real = args.size == "real"
