@@ -11,7 +11,7 @@ from torch import nn
 from transformers import Blip2QFormerModel
 
 from blip2cli.models.config import Blip2ModelConfig
-from blip2cli.models.vision import encode_images, freeze_trunk
+from blip2cli.models.vision import encode_images, freeze_trunk, ln_vision
 
 
 class Blip2Base(nn.Module):
@@ -44,8 +44,21 @@ class Blip2Base(nn.Module):
         return self
 
     # ----------------------------------------------------------------- image -> queries
-    def image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, tokens, vision width) after ``ln_vision``."""
+    def image_features(self, pixel_values: torch.Tensor | None, interpolate_pos_encoding: bool = False,
+                       vision_features: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, tokens, vision width) after ``ln_vision``.
+
+        ``vision_features``: instead of images, the frozen trunk's output for them (B, tokens, width), as a
+        frozen-feature cache stores it; only ``ln_vision`` runs. Refused while the image encoder trains.
+        """
+        if vision_features is not None:
+            if pixel_values is not None:
+                raise ValueError("pass pixel_values or vision_features, not both")
+            if self.train_vision:
+                raise ValueError("vision_features (cached frozen features) need a frozen image encoder")
+            return ln_vision(self.vision_model, vision_features)
+        if pixel_values is None:
+            raise ValueError("pixel_values or vision_features is needed")
         return encode_images(
             self.vision_model,
             pixel_values,

@@ -57,7 +57,7 @@ class OptimizerStep:
             for key, value in out.items():
                 if key.startswith("loss"):
                     outcome.losses[key] = outcome.losses.get(key, 0.0) + float(value.detach()) / self.accumulation
-            outcome.samples += batch["pixel_values"].shape[0] * self.env.world_size
+            outcome.samples += len(batch["text"]) * self.env.world_size
         if not all(math.isfinite(v) for v in outcome.losses.values()):
             raise Blip2Error(f"non-finite loss at step {step}: {outcome.losses}; "
                              "lower optim.lr or use train.precision=bf16")

@@ -111,8 +111,7 @@ def open_session(recipe: Recipe, run_dir: Path, shards: list[str], resume: str |
     if env.is_main and not dry_run:
         _prepare_run_dir(recipe, run_dir, resume_from, say)
 
-    batches = iter(_train_loader(recipe, shards, env, skip_batches=start_step * accumulation,
-                                 preprocessing=built.model.config.preprocessing))
+    batches = iter(_train_loader(recipe, shards, env, skip_batches=start_step * accumulation, model=built.model))
     wrapped = _wrap(model, recipe, env)
     batcher = TextBatcher(recipe, built)
     if rng_state is not None:
@@ -183,10 +182,18 @@ def _wrap(model, recipe: Recipe, env: DistEnv):
     return wrapped
 
 
-def _train_loader(recipe: Recipe, shards: list[str], env: DistEnv, skip_batches: int, preprocessing):
+def _train_loader(recipe: Recipe, shards: list[str], env: DistEnv, skip_batches: int, model):
+    d = recipe.data
+    preprocessing = model.config.preprocessing
+    if d.feature_cache:
+        from blip2cli.data.feature_cache import CachedFeatureLoader, check_cache_fits, open_feature_cache
+
+        check_cache_fits(open_feature_cache(d.feature_cache), model.vision_model, preprocessing.size, d.feature_cache)
+        return CachedFeatureLoader(d.feature_cache, d.micro_batch_size, rank=env.rank, world_size=env.world_size,
+                                   seed=recipe.train.seed, captions_top_k=d.captions_top_k, skip_batches=skip_batches,
+                                   pin_memory=env.device.type == "cuda")
     from blip2cli.data.training import make_train_loader
 
-    d = recipe.data
     return make_train_loader(
         shards, weights=d.weights or None, micro_batch_size=d.micro_batch_size, image_size=preprocessing.size,
         preprocessing=preprocessing, rrc_scale=tuple(d.rrc_scale), hflip=d.hflip, captions_top_k=d.captions_top_k,
