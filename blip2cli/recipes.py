@@ -128,8 +128,10 @@ class DataSection:
 class TrainSection:
     max_steps: int = _f(250_000, "Optimizer steps to run.")
     precision: str = _f("bf16", "Mixed precision of the trainable parts: bf16 | fp16 (with loss scaling) | fp32.")
-    grad_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory (trainable image encoder, Q-Former).")
-    compile: bool = _f(False, "Wrap the model in torch.compile.")
+    grad_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory: the Q-Former, the image encoder when it trains (fine-tuning at 364/490 px), the LLM when it trains.")
+    compile: bool = _f(False, "Wrap the whole model in torch.compile.")
+    compile_vision: bool = _f(False, "torch.compile the image encoder (trunk + ln_vision) alone; the state dict is unchanged.")
+    compile_qformer: bool = _f(False, "torch.compile the Q-Former alone; the state dict is unchanged.")
     seed: int = _f(42, "Seed for weights, data order and augmentation (each rank derives its own).")
     allow_contrastive_accumulation: bool = _f(False, "Stage 1 (ITC/ITM): allow gradient accumulation, where each micro-batch's contrastive batch (negatives) is micro_batch_size x processes, not data.global_batch_size. false = refuse such a launch with one line (ITG alone accumulates freely). metrics.jsonl logs contrastive_batch and itc_negatives either way.")
     deterministic: bool = _f(False, "Deterministic kernels only (torch.use_deterministic_algorithms, warn-only): bit-identical reruns; multi-threaded CPU kernels otherwise drift by float rounding within tens of steps. Somewhat slower.")

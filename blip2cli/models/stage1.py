@@ -181,9 +181,6 @@ class Blip2Stage1Model(Blip2Base):
         return self.query_tokens.shape[1]
 
     # ----------------------------------------------------------------- Q-Former passes
-    def _image_mask(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        return torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-
     def text_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text-only pass (unimodal, bidirectional over non-pad text, text FFN): (B, T, H)."""
         return self.qformer(
@@ -206,8 +203,7 @@ class Blip2Stage1Model(Blip2Base):
             query_embeds=self.embeddings(input_ids=input_ids, query_embeds=queries),
             query_length=self.num_query_tokens,
             attention_mask=attention_mask,
-            encoder_hidden_states=image_embeds,
-            encoder_attention_mask=self._image_mask(image_embeds),
+            encoder_hidden_states=image_embeds,  # no image mask: see Blip2Base.query_outputs
             return_dict=True,
         ).last_hidden_state
 

@@ -80,6 +80,12 @@ class Blip2Stage2Model(Blip2Base):
             **kwargs,
         )
 
+    def frozen_modules(self) -> list[nn.Module]:
+        return [*super().frozen_modules(), *([] if self.train_language_model else [self.language_model])]
+
+    def trainable_deep_modules(self) -> list[nn.Module]:
+        return [*super().trainable_deep_modules(), *([self.language_model] if self.train_language_model else [])]
+
     def train(self, mode: bool = True):
         super().train(mode)
         if not self.train_language_model:
