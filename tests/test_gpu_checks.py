@@ -34,7 +34,7 @@ def test_time_limits_add_up_to_six_minutes_and_training_runs_first():
 
 
 def test_tiny_run_on_cpu_writes_every_part(tmp_path):
-    result = _run(tmp_path)
+    result = _run(tmp_path, COMPILE="0", STEPS="2")  # compiled cases: tests/test_fast_paths.py
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = tmp_path / "out"
     assert (out / "environment.txt").read_text().startswith("ok: torch ")
@@ -43,8 +43,8 @@ def test_tiny_run_on_cpu_writes_every_part(tmp_path):
         assert f"{part} exit 0" in (out / name).read_text()
     assert "tokens must be identical" in (out / "identity.txt").read_text()
     records = [json.loads(line) for line in (out / "training.jsonl").read_text().splitlines()]
-    stages = {r["stage"] for r in records}
-    assert stages == {1, 2}
+    assert {(r["stage"], r["case"]) for r in records} == {
+        (1, "live"), (1, "cache"), (2, "transformers live"), (2, "live"), (2, "cache")}
     for r in records:
         assert r["samples_per_s"] > 0 and r["flops_per_sample"] > 0 and "mfu" in r
 
