@@ -5,6 +5,13 @@
     python benchmarks/generation.py --size real        # OPT-2.7B + ViT-g, random weights, bf16 on a GPU
     python benchmarks/generation.py --size real --batches 1 --repeats 1   # the same on a CPU: fp32, 18 GB RAM, 13 min
     python benchmarks/generation.py --tasks vqa --beams 5 --no-train-step   # a subset of the cases
+    python benchmarks/generation.py --size shallow --dtype float32   # real widths, 2 blocks each: token identity
+
+Generated tokens must be identical in fp32 (the script exits non-zero otherwise). In bf16 they are timed
+and counted, not required: matmuls of different shapes (blip2 shares one prefill between the beams,
+transformers runs it per beam) may legitimately round a last bit differently, which can flip a beam, and
+at real size with random weights every logit is a near tie. The training-step losses are compared with a
+tolerance for the dtype (fp32 1e-3 absolute, bf16 2% relative).
 
 Both sides share one set of modules: transformers' ``Blip2ForConditionalGeneration`` is built from a
 config with random weights and ``Blip2Stage2Model`` adopts its parts, so any difference in speed comes
@@ -31,12 +38,17 @@ from blip2cli.models.stage2 import Blip2Stage2Model  # noqa: E402
 
 
 def build_config(size: str) -> Blip2Config:
-    if size == "real":
+    if size in ("real", "shallow"):
+        # OPT-2.7B + EVA ViT-g/14 + BERT-base Q-Former; "shallow" keeps every width and shape (vocabulary,
+        # heads, 257 image tokens, 32 queries) with 2 blocks in the ViT, the Q-Former and the LLM.
+        depth = {} if size == "real" else {"num_hidden_layers": 2}
         text = OPTConfig.from_dict(dict(
             vocab_size=50272, hidden_size=2560, num_hidden_layers=32, ffn_dim=10240, num_attention_heads=32,
             max_position_embeddings=2048, word_embed_proj_dim=2560, pad_token_id=1, bos_token_id=2, eos_token_id=50118,
+            **depth,
         ))
-        return Blip2Config(text_config=text.to_dict(), num_query_tokens=32, image_token_index=50265)
+        return Blip2Config(vision_config=dict(**depth), qformer_config=dict(**depth), text_config=text.to_dict(),
+                           num_query_tokens=32, image_token_index=50265)
     if size == "small":
         # The LLM of OPT-125M with BLIP-2's Q-Former (32 queries, BERT-base) over a small ViT: big enough for
         # the LLM to dominate, as at real size, and small enough for a CPU.
@@ -84,9 +96,17 @@ def timed_pair(ours, reference, device, repeats: int) -> tuple[float, float, obj
     return statistics.median(times[0]), statistics.median(times[1]), results[0], results[1]
 
 
+def identical_rows(ours: torch.Tensor, reference: torch.Tensor) -> int:
+    """Rows (inputs) whose generated tokens are identical, lengths included."""
+    if ours.shape[1] != reference.shape[1]:
+        width = max(ours.shape[1], reference.shape[1])
+        ours, reference = (torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-1) for t in (ours, reference))
+    return int((ours == reference).all(dim=1).sum())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=["tiny", "small", "real"], default="tiny")
+    parser.add_argument("--size", choices=["tiny", "small", "shallow", "real"], default="tiny")
     parser.add_argument("--batches", default="1,32", help="comma-separated batch sizes for generation")
     parser.add_argument("--beams", default="1,5", help="comma-separated beam counts for generation")
     parser.add_argument("--tasks", default="caption,vqa", help="comma-separated prompts: caption, vqa")
@@ -112,7 +132,9 @@ def main() -> int:
     prompts = {"caption": [bos], "vqa": [bos, 45, 46, 47, 48, 49, 50, 51, 52, 53]}  # fixed prompt ids
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"# {args.size} configs on {name}, {dtype}, median of {args.repeats}")
+    exact = dtype == torch.float32  # tokens must be identical; in half precision they are counted only
+    print(f"# {args.size} configs on {name}, {dtype}, median of {args.repeats}; "
+          f"{'tokens must be identical' if exact else 'identical rows counted, not required (see --help)'}")
     print(f"{'case':<34}{'blip2 s':>10}{'transformers s':>16}{'ratio':>8}  identical")
     ok = True
     for task in args.tasks.split(","):
@@ -129,10 +151,10 @@ def main() -> int:
                         lambda: hf.generate(pixel_values=pixel_values, input_ids=hf_ids, **kwargs),
                         device, args.repeats,
                     )
-                same = torch.equal(out_ours, out_hf[:, hf_ids.shape[1]:])
-                ok &= same
+                same_rows = identical_rows(out_ours, out_hf[:, hf_ids.shape[1]:])
+                ok &= same_rows == batch or not exact
                 case = f"generate {task} b{batch} beams{beams}"
-                print(f"{case:<34}{t_ours:>10.4f}{t_hf:>16.4f}{t_hf / t_ours:>8.2f}  {same}")
+                print(f"{case:<34}{t_ours:>10.4f}{t_hf:>16.4f}{t_hf / t_ours:>8.2f}  {same_rows}/{batch} rows")
 
     if args.no_train_step:
         return 0 if ok else 1
@@ -156,9 +178,11 @@ def main() -> int:
         return loss.detach()
 
     t_ours, t_hf, loss_ours, loss_hf = timed_pair(step_ours, step_hf, device, args.repeats)
-    same = torch.allclose(loss_ours.float(), loss_hf.float(), atol=1e-3)
+    tolerance = dict(atol=1e-3, rtol=0) if exact else dict(atol=0, rtol=2e-2)
+    same = torch.allclose(loss_ours.float(), loss_hf.float(), **tolerance)
     ok &= same
-    print(f"{'train step b' + str(batch):<34}{t_ours:>10.4f}{t_hf:>16.4f}{t_hf / t_ours:>8.2f}  {same}")
+    print(f"{'train step b' + str(batch):<34}{t_ours:>10.4f}{t_hf:>16.4f}{t_hf / t_ours:>8.2f}  "
+          f"loss {float(loss_ours):.4f} vs {float(loss_hf):.4f} {'ok' if same else 'DIFFERENT'}")
     return 0 if ok else 1
 
 

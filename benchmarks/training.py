@@ -1,18 +1,34 @@
-"""Training throughput and peak memory of blip2's stage-1 and stage-2 steps, real-size configs, random weights.
+"""Training throughput of blip2's stage-1 and stage-2 steps: samples/s, peak memory and model FLOPs
+utilisation, eager vs compiled, live frozen image encoder vs frozen-feature cache.
 
-    python benchmarks/training.py                      # tiny configs on the CPU (a smoke run, seconds)
+    python benchmarks/training.py                      # tiny configs on the CPU (seconds)
+    python benchmarks/training.py --size small         # BERT-base Q-Former, a 4-block ViT, OPT-125M shapes (CPU, minutes)
     python benchmarks/training.py --size real          # ViT-g + BERT-base Q-Former (+ OPT-2.7B), bf16, one GPU
 
-A step here is what ``blip2cli.training.loop`` does per micro-batch: forward under autocast, backward,
-AdamW step on the trainable parameters (``build_optimizer``'s groups), frozen parts stored in half
-precision as the recipes do. Nothing is downloaded: the models are built from their configs. Stage 2 is
-also timed as a plain transformers ``Blip2ForConditionalGeneration`` step on the same modules (the only
-reference that computes the same loss; transformers has no stage-1 training) and reported as a ratio.
+A step is what ``blip2cli.training.optimizer_step`` does per micro-batch: forward under autocast (bf16 on
+a GPU, none on a CPU), backward, AdamW step (``build_optimizer``: fused on a GPU), frozen parts stored in
+the compute dtype (``store_frozen_parts_in``). Inputs are synthetic tensors already on the device: data
+loading is not timed. Cases, per stage:
+
+* ``live``: images through the frozen image encoder, as ``data.feature_cache`` off;
+* ``cache``: the encoder's output given as ``vision_features`` (computed once before timing), as a run
+  reading ``blip2 cache-features`` output does;
+* ``compiled``: ``compile_parts(vision=True, qformer=True)`` (``train.compile_vision/compile_qformer``),
+  with ``--compile-backend`` (inductor by default; aot_eager checks the plumbing quickly);
+* stage 2 also as a plain transformers ``Blip2ForConditionalGeneration`` step on the same modules.
+
+FLOPs are counted, not estimated: ``torch.utils.flop_counter.FlopCounterMode`` over one step (forward and
+backward: matmuls, convolutions, attention), divided by the batch. MFU = counted FLOPs x samples/s / peak,
+with the peak bf16 dense FLOP/s of the GPU from ``PEAK_TFLOPS`` or ``--peak-tflops`` (none on a CPU
+unless given). Peak memory: ``torch.cuda.max_memory_allocated`` on a GPU, the process's peak RSS on a CPU
+(monotone over the run: read the first case's). ``--jsonl`` appends one record per case as it is measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import statistics
 import sys
 import time
@@ -23,20 +39,30 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from generation import build_config  # noqa: E402  (the same real/tiny stage-2 configs)
+from generation import build_config  # noqa: E402  (the same real/small/tiny stage-2 configs)
 from transformers import Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig  # noqa: E402
 
+from blip2cli.models.base import store_frozen_parts_in  # noqa: E402
 from blip2cli.models.config import Blip2ModelConfig, clean_config_dict  # noqa: E402
 from blip2cli.models.stage1 import Blip2Stage1Model  # noqa: E402
 from blip2cli.models.stage2 import Blip2Stage2Model  # noqa: E402
+from blip2cli.models.vision import trunk_features  # noqa: E402
 from blip2cli.recipes import OptimSection  # noqa: E402
 from blip2cli.training.optim import build_optimizer  # noqa: E402
+
+# Dense bf16 tensor-core peak, FLOP/s (vendor data sheets, without sparsity).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
 
 
 def stage1_model(size: str) -> Blip2Stage1Model:
     if size == "real":
         vision = Blip2VisionConfig()  # EVA ViT-g/14 as BLIP-2 uses it
         qformer = Blip2QFormerConfig(vocab_size=30523, use_qformer_text_input=True, encoder_hidden_size=1408)
+        queries = 32
+    elif size == "small":
+        vision = Blip2VisionConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=6,
+                                   image_size=112, patch_size=14)
+        qformer = Blip2QFormerConfig(vocab_size=30523, use_qformer_text_input=True, encoder_hidden_size=384)
         queries = 32
     else:
         vision = Blip2VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -50,27 +76,43 @@ def stage1_model(size: str) -> Blip2Stage1Model:
     return Blip2Stage1Model.from_config(config, dec_token_id=qformer.vocab_size - 1, pad_token_id=0)
 
 
-def measure(step, device: torch.device, steps: int) -> tuple[float, float]:
-    """(steps per second, peak GiB) over ``steps`` timed steps after two warm-up steps."""
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux
+
+
+def measure(step, device: torch.device, steps: int, repeats: int) -> tuple[list[float], float]:
+    """(steps/s of each repeat, each the median of ``steps`` timed steps after two warm-up steps; peak GiB)."""
     for _ in range(2):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
+    rates = []
+    for _ in range(repeats):
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        rates.append(1.0 / statistics.median(times))
+    return rates, peak_memory_gib(device)
+
+
+def counted_flops(step) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
         step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return 1.0 / statistics.median(times), peak
+    return counter.get_total_flops()
 
 
 def train_step(model, optimizer, inputs, amp_dtype, device):
     def step():
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             out = model(**inputs)
         loss = out["loss"] if isinstance(out, dict) else out.loss
         loss.backward()
@@ -79,47 +121,122 @@ def train_step(model, optimizer, inputs, amp_dtype, device):
     return step
 
 
+def cached_inputs(model, inputs, amp_dtype):
+    """``inputs`` with the images replaced by the frozen trunk's output, in the cache's dtype."""
+    with torch.inference_mode():
+        features = trunk_features(model.vision_model, inputs["pixel_values"].to(model.vision_model.dtype
+                                                                               if hasattr(model.vision_model, "dtype")
+                                                                               else torch.float32))
+    return {**{k: v for k, v in inputs.items() if k != "pixel_values"},
+            "vision_features": features.to(amp_dtype or torch.float32).clone()}
+
+
+class Report:
+    def __init__(self, args, device, amp, peak_flops):
+        self.args, self.device, self.amp, self.peak = args, device, amp, peak_flops
+        self.header = f"{'case':<44}{'samples/s':>11}{'spread':>15}{'GFLOP/sample':>14}{'MFU':>8}{'peak GiB':>10}"
+
+    def add(self, stage: int, case: str, batch: int, rates: list[float], peak: float, flops: int, extra=None):
+        samples = [r * batch for r in rates]
+        median = statistics.median(samples)
+        per_sample = flops / batch
+        mfu = per_sample * median / self.peak if self.peak else None
+        spread = f"{min(samples):.1f}-{max(samples):.1f}"
+        print(f"{f'stage {stage} {case} b{batch}':<44}{median:>11.1f}{spread:>15}{per_sample / 1e9:>14.3f}"
+              f"{'n/a' if mfu is None else f'{mfu:.1%}':>8}{peak:>10.2f}" + (f"  {extra}" if extra else ""), flush=True)
+        if self.args.jsonl:
+            record = {"size": self.args.size, "device": device_name(self.device), "stage": stage, "case": case,
+                      "batch": batch, "samples_per_s": median, "samples_per_s_runs": samples,
+                      "flops_per_sample": per_sample, "mfu": mfu, "peak_gib": peak,
+                      "peak_kind": "cuda_allocated" if self.device.type == "cuda" else "process_rss"}
+            with open(self.args.jsonl, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        return median
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
+def run_cases(report, stage, model, optimizer, live, amp, device, batch, args, reference=None):
+    """live, cache, compiled live, compiled cache; returns nothing (each case printed as it is measured)."""
+    step = train_step(model, optimizer, live, amp, device)
+    flops_live = counted_flops(step)
+    rates, peak = measure(step, device, args.steps, args.repeats)
+    live_rate = report.add(stage, "live", batch, rates, peak, flops_live)
+    if reference is not None:
+        print(f"{'':<44}{live_rate / reference:.2f}x transformers' samples/s", flush=True)
+    cache = cached_inputs(model, live, amp)
+    step = train_step(model, optimizer, cache, amp, device)
+    flops_cache = counted_flops(step)
+    rates, peak = measure(step, device, args.steps, args.repeats)
+    cache_rate = statistics.median(rates) * batch
+    report.add(stage, "cache", batch, rates, peak, flops_cache, f"{cache_rate / live_rate:.2f}x live")
+    if args.no_compile:
+        return
+    model.compile_parts(vision=True, qformer=True, backend=args.compile_backend)
+    for case, inputs, flops in (("compiled live", live, flops_live), ("compiled cache", cache, flops_cache)):
+        start = time.perf_counter()
+        step = train_step(model, optimizer, inputs, amp, device)
+        step()  # compiles
+        compile_s = time.perf_counter() - start
+        rates, peak = measure(step, device, args.steps, args.repeats)
+        rate = statistics.median(rates) * batch
+        base = live_rate if case == "compiled live" else cache_rate
+        report.add(stage, case, batch, rates, peak, flops,
+                   f"{rate / base:.2f}x eager ({args.compile_backend}, compiled in {compile_s:.0f} s)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=["tiny", "real"], default="tiny")
+    parser.add_argument("--size", choices=["tiny", "small", "real"], default="tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--stage1-batch", type=int, default=None, help="per-GPU batch [real: 105, the paper's 1680/16]")
     parser.add_argument("--stage2-batch", type=int, default=None, help="per-GPU batch [real: 16]")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per repeat (median)")
+    parser.add_argument("--repeats", type=int, default=1, help="repeats per case (their spread is printed)")
+    parser.add_argument("--stages", default="1,2")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s of the device, for MFU")
+    parser.add_argument("--jsonl", type=Path, default=None, help="also append one JSON record per case here")
     args = parser.parse_args()
     device = torch.device(args.device)
-    real = args.size == "real"
     amp = torch.bfloat16 if device.type == "cuda" else None
-    frozen_dtype = torch.float16 if device.type == "cuda" else torch.float32
-    b1 = args.stage1_batch or (105 if real else 4)
-    b2 = args.stage2_batch or (16 if real else 4)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"# {args.size} configs on {name}, autocast {amp}, median of {args.steps} steps")
-    print(f"{'case':<40}{'steps/s':>9}{'samples/s':>11}{'peak GiB':>10}{'vs transformers':>17}")
+    name = device_name(device)
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    peak_flops = peak * 1e12 if peak else None
+    b1 = args.stage1_batch or {"real": 105, "small": 16}.get(args.size, 4)
+    b2 = args.stage2_batch or {"real": 16, "small": 8}.get(args.size, 4)
+    report = Report(args, device, amp, peak_flops)
+    print(f"# {args.size} configs on {name}, autocast {amp}, median of {args.steps} steps x {args.repeats} repeats; "
+          f"peak {peak or 'unknown'} TFLOP/s")
+    print(report.header)
+    stages = {int(s) for s in args.stages.split(",")}
 
-    torch.manual_seed(0)
-    with torch.device(device):  # random init on the device (fast for the real-size models on a GPU)
-        model = stage1_model(args.size)
-    model.vision_model.to(frozen_dtype)
-    model.vision_model.post_layernorm.float()  # ln_vision trains in fp32
-    model.train()
-    size = model.config.image_size
-    inputs = dict(pixel_values=torch.randn(b1, 3, size, size, device=device),
-                  input_ids=torch.randint(1, 90, (b1, 32), device=device),
-                  attention_mask=torch.ones(b1, 32, dtype=torch.long, device=device))
-    optimizer = build_optimizer(model, OptimSection())
-    rate, peak = measure(train_step(model, optimizer, inputs, amp, device), device, args.steps)
-    print(f"{'stage 1 ITC+ITM+ITG b' + str(b1):<40}{rate:>9.3f}{rate * b1:>11.1f}{peak:>10.1f}{'n/a':>17}")
-    del model, optimizer, inputs
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    if 1 in stages:
+        torch.manual_seed(0)
+        with torch.device(device):  # random init on the device (fast for the real-size models on a GPU)
+            model = stage1_model(args.size)
+        if amp is not None:
+            store_frozen_parts_in(model, amp)
+        model.train()
+        size = model.config.image_size
+        inputs = dict(pixel_values=torch.randn(b1, 3, size, size, device=device),
+                      input_ids=torch.randint(1, 90, (b1, 32), device=device),
+                      attention_mask=torch.ones(b1, 32, dtype=torch.long, device=device))
+        optimizer = build_optimizer(model, OptimSection())
+        run_cases(report, 1, model, optimizer, inputs, amp, device, b1, args)
+        del model, optimizer, inputs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if 2 not in stages:
+        return 0
 
     config = build_config(args.size)
+    torch.manual_seed(0)
     with torch.device(device):
         hf = Blip2ForConditionalGeneration(config)
-    hf.vision_model.to(frozen_dtype)
-    hf.vision_model.post_layernorm.float()
-    hf.language_model.to(frozen_dtype)
     for p in [*hf.vision_model.parameters(), *hf.language_model.parameters()]:
         p.requires_grad_(False)
     for p in hf.vision_model.post_layernorm.parameters():
@@ -128,6 +245,9 @@ def main() -> int:
         Blip2ModelConfig.from_hf(config), vision_model=hf.vision_model, qformer=hf.qformer,
         language_projection=hf.language_projection, language_model=hf.language_model, query_tokens=hf.query_tokens.data,
     ).train()
+    if amp is not None:
+        store_frozen_parts_in(ours, amp)
+    hf.query_tokens = ours.query_tokens  # one set of trainable weights for both
     nq, size = config.num_query_tokens, config.vision_config.image_size
     text = torch.randint(4, 200, (b2, 32), device=device)
     text[:, 0] = config.text_config.bos_token_id
@@ -137,20 +257,15 @@ def main() -> int:
     hf.train()
     hf.vision_model.eval()  # frozen parts without dropout, as blip2 (and LAVIS) train them
     hf.language_model.eval()
-    results = {}
-    for label, module, inputs in (
-        ("transformers", hf, dict(pixel_values=pixel_values, input_ids=hf_ids, labels=hf_labels)),
-        ("blip2", ours, dict(pixel_values=pixel_values, input_ids=text, labels=text)),
-    ):
-        optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
-        results[label] = measure(train_step(module, optimizer, inputs, amp, device), device, args.steps)
-        del optimizer
-        for p in module.parameters():
-            p.grad = None
-    for label, (rate, peak) in results.items():
-        ratio = f"{rate / results['transformers'][0]:.2f}x" if label == "blip2" else ""
-        case = f"stage 2 LM loss b{b2} ({label})"
-        print(f"{case:<40}{rate:>9.3f}{rate * b2:>11.1f}{peak:>10.1f}{ratio:>17}")
+    optimizer = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-5)
+    step = train_step(hf, optimizer, dict(pixel_values=pixel_values, input_ids=hf_ids, labels=hf_labels), amp, device)
+    flops = counted_flops(step)
+    rates, peak_mem = measure(step, device, args.steps, args.repeats)
+    reference = report.add(2, "transformers live", b2, rates, peak_mem, flops)
+    del optimizer
+    optimizer = build_optimizer(ours, OptimSection())
+    live = dict(pixel_values=pixel_values, input_ids=text, labels=text)
+    run_cases(report, 2, ours, optimizer, live, amp, device, b2, args, reference=reference)
     return 0
 
 

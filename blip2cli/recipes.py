@@ -120,14 +120,19 @@ class DataSection:
     max_txt_len: int = _f(32, "Text tokens at most (captions, or questions for VQA); longer texts are truncated.")
     captions_top_k: int = _f(2, "A sample carrying CapFilt captions gets one of its top-k, chosen at random each step.")
     max_image_pixels: int = _f(0, "Images with more pixels are skipped and counted as too_large, never decoded (image bombs); 0 = the default, 50 megapixels or $BLIP2_MAX_IMAGE_PIXELS.")
+    feature_cache: str = _f("", "Directory of a frozen-feature cache (`blip2 cache-features`): train from the frozen image encoder's stored outputs instead of the images (frozen encoder only; the paper's fresh crop per use becomes a draw among feature_cache_views fixed views). Empty = off.")
+    feature_cache_views: int = _f(4, "Augmented views per image that `blip2 cache-features` stores (random resized crop + flip, as data.rrc_scale / data.hflip).")
+    feature_cache_dtype: str = _f("fp16", "Storage dtype of cached features: fp16 | bf16 (fp32 for tests).")
 
 
 @dataclass
 class TrainSection:
     max_steps: int = _f(250_000, "Optimizer steps to run.")
     precision: str = _f("bf16", "Mixed precision of the trainable parts: bf16 | fp16 (with loss scaling) | fp32.")
-    grad_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory (trainable image encoder, Q-Former).")
-    compile: bool = _f(False, "Wrap the model in torch.compile.")
+    grad_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory: the Q-Former, the image encoder when it trains (fine-tuning at 364/490 px), the LLM when it trains.")
+    compile: bool = _f(False, "Wrap the whole model in torch.compile.")
+    compile_vision: bool = _f(False, "torch.compile the image encoder (trunk + ln_vision) alone; the state dict is unchanged.")
+    compile_qformer: bool = _f(False, "torch.compile the Q-Former alone; the state dict is unchanged.")
     seed: int = _f(42, "Seed for weights, data order and augmentation (each rank derives its own).")
     allow_contrastive_accumulation: bool = _f(False, "Stage 1 (ITC/ITM): allow gradient accumulation, where each micro-batch's contrastive batch (negatives) is micro_batch_size x processes, not data.global_batch_size. false = refuse such a launch with one line (ITG alone accumulates freely). metrics.jsonl logs contrastive_batch and itc_negatives either way.")
     deterministic: bool = _f(False, "Deterministic kernels only (torch.use_deterministic_algorithms, warn-only): bit-identical reruns; multi-threaded CPU kernels otherwise drift by float rounding within tens of steps. Somewhat slower.")
@@ -239,6 +244,11 @@ class Recipe:
         check(d.max_txt_len > 0, "data.max_txt_len", "must be positive")
         check(d.captions_top_k > 0, "data.captions_top_k", "must be positive")
         check(d.max_image_pixels >= 0, "data.max_image_pixels", "must be >= 0 (0 = the default)")
+        check(d.feature_cache_views >= 1, "data.feature_cache_views", "must be >= 1")
+        check(d.feature_cache_dtype in ("fp16", "bf16", "fp32"), "data.feature_cache_dtype",
+              f"must be fp16, bf16 or fp32, got {d.feature_cache_dtype!r}")
+        check(not d.feature_cache or m.freeze_vision, "data.feature_cache",
+              "needs model.freeze_vision=true (a trainable image encoder changes its features every step)")
 
         check(t.max_steps > 0, "train.max_steps", "must be positive")
         check(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")

@@ -52,3 +52,28 @@ def test_bf16_autocast_training_loss_matches_the_full_logits_path(tiny_pair):
         losses.append(loss.detach().float())
         assert ours.query_tokens.grad is not None and torch.isfinite(ours.query_tokens.grad).all()
     torch.testing.assert_close(losses[1], losses[0], atol=2e-3, rtol=0)
+
+
+def test_frozen_parts_stored_in_bf16_train_under_autocast_with_fused_adamw(tiny_pair):
+    """The recipes store the frozen parts in fp16; the training session stores them in the autocast dtype
+    (fp16 under bf16 autocast fails at the first promoting op). One fused-AdamW step on the GPU."""
+    from blip2cli.models.base import store_frozen_parts_in
+    from blip2cli.recipes import OptimSection
+    from blip2cli.training.optim import build_optimizer
+
+    tok, hf, ours = tiny_pair
+    ours.float().train()
+    batch = {k: v.cuda() for k, v in decoder_only_batch(tok, CAPTIONS, prompt="a photo of ").items()}
+    images = pixels(len(CAPTIONS)).cuda()
+    reference = ours(images, **batch)["loss"].detach()
+    ours.vision_model.half()
+    ours.vision_model.post_layernorm.float()
+    ours.language_model.half()
+    assert store_frozen_parts_in(ours, torch.bfloat16) > 0
+    optimizer = build_optimizer(ours, OptimSection())
+    assert optimizer.defaults["fused"]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = ours(images, **batch)["loss"]
+    loss.backward()
+    optimizer.step()
+    torch.testing.assert_close(loss.detach().float(), reference, rtol=3e-2, atol=0)

@@ -119,3 +119,35 @@ def finetune(
     plan = plan_finetune(task, recipe, overrides or [], init_from, out=out, root=root)
     _run(plan, resume, dry_run, device, allow_schedule_change)
 
+
+
+CACHE_EXAMPLES = """
+Examples:
+
+  blip2 cache-features --stage 1 --out blip2-data/features/vitg data.feature_cache_views=4
+
+  blip2 pretrain --stage 1 data.feature_cache=blip2-data/features/vitg     # train from it
+
+  blip2 cache-features --stage 1 --dry-run                                  # disk cost per image only
+"""
+
+
+@app.command("cache-features", epilog=CACHE_EXAMPLES)
+def cache_features(
+    overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides, key.sub=value."),
+    stage: int = typer.Option(1, "--stage", min=1, max=2, help="Whose recipe builds the encoder (stage 1 and 2 share it)."),
+    vision: Optional[str] = typer.Option(None, help="Image encoder (as for pretrain)."),
+    recipe: Optional[str] = typer.Option(None, help="Recipe name or TOML file [default: by stage/vision]."),
+    out: Optional[Path] = typer.Option(None, help="Cache directory [default: the recipe's data.feature_cache]."),
+    root: Optional[str] = typer.Option(None, help="Workspace root."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the disk cost per image and exit."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Run the frozen image encoder once per image and view over the shards; training reads the features
+    with data.feature_cache=DIR."""
+    quiet_libraries()
+    from blip2cli.training.feature_cache import build_feature_cache
+    from blip2cli.training.launch import plan_pretrain
+
+    plan = plan_pretrain(stage, recipe, overrides or [], vision=vision, out=None, root=root)
+    build_feature_cache(plan.recipe, plan.shards, out, dry_run, device, stderr.print)

@@ -17,6 +17,8 @@ Model math stays in the model classes: this module batches, calls, decodes and s
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import json
 import os
 import time
@@ -207,6 +209,14 @@ def _generate_outputs(
 
 
 # ============================================================================ retrieval
+def retrieval_autocast(device: torch.device):
+    """The Q-Former passes of retrieval (ITC features, ITM re-ranking) under bf16 autocast on a GPU (fp16
+    where bf16 is missing), as training runs them; plain fp32 on a CPU. Scores are compared in fp32."""
+    if device.type != "cuda":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+
 def _features(parts: ModelParts, data: EvalData, settings: EvalSettings, batch_size: int, num_workers: int,
               show_progress: bool):
     """Text token ids/masks, normalised text features (T, D) and image query features (N, NQ, D), all ranks'
@@ -223,7 +233,7 @@ def _features(parts: ModelParts, data: EvalData, settings: EvalSettings, batch_s
     text_rows = list(range(rank, len(data.texts), world))
     image_rows = list(range(rank, len(data.items), world))
     text_parts, image_parts = [], []
-    with torch.inference_mode(), progress_bar(show_progress) as progress:
+    with torch.inference_mode(), retrieval_autocast(device), progress_bar(show_progress) as progress:
         bar = progress.add_task("text features", total=len(text_rows))
         for start in range(0, len(text_rows), batch_size * 4):
             rows = text_rows[start:start + batch_size * 4]
@@ -291,7 +301,7 @@ def _itm_logits(
 ) -> dict[str, dict[str, Any]]:
     model, device = parts.model, parts.device
     new: dict[str, dict[str, Any]] = {}
-    with progress_bar(show_progress) as progress:
+    with retrieval_autocast(device), progress_bar(show_progress) as progress:
         bar = progress.add_task("ITM re-ranking", total=len(todo))
         paths = [data.items[i].image for i in todo]
         for positions, pixels in _image_batches(paths, parts.image_processor, batch_size, num_workers,

@@ -181,9 +181,6 @@ class Blip2Stage1Model(Blip2Base):
         return self.query_tokens.shape[1]
 
     # ----------------------------------------------------------------- Q-Former passes
-    def _image_mask(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        return torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-
     def text_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text-only pass (unimodal, bidirectional over non-pad text, text FFN): (B, T, H)."""
         return self.qformer(
@@ -206,8 +203,7 @@ class Blip2Stage1Model(Blip2Base):
             query_embeds=self.embeddings(input_ids=input_ids, query_embeds=queries),
             query_length=self.num_query_tokens,
             attention_mask=attention_mask,
-            encoder_hidden_states=image_embeds,
-            encoder_attention_mask=self._image_mask(image_embeds),
+            encoder_hidden_states=image_embeds,  # no image mask: see Blip2Base.query_outputs
             return_dict=True,
         ).last_hidden_state
 
@@ -339,17 +335,21 @@ class Blip2Stage1Model(Blip2Base):
 
     def forward(
         self,
-        pixel_values: torch.Tensor,
-        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         image_ids: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
+        vision_features: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The stage-1 losses: ``loss`` (weighted sum) and ``loss_itc``, ``loss_itm``, ``loss_itg``.
 
         ``input_ids`` are Q-Former (BERT) tokens starting with ``[CLS]``; ``image_ids`` (B,) are used only
         with ``loss_config.image_id_positives``. A switched-off loss is returned as 0 (not computed).
+        ``vision_features`` replaces ``pixel_values`` with the frozen trunk's output (a feature cache).
         """
+        if input_ids is None:
+            raise ValueError("stage 1 needs input_ids")
         cfg = self.loss_config
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -362,7 +362,8 @@ class Blip2Stage1Model(Blip2Base):
             with torch.no_grad():
                 self.temp.clamp_(*cfg.temp_clamp)
 
-        image_embeds = self.image_features(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        image_embeds = self.image_features(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                           vision_features=vision_features)
         zero = torch.zeros((), dtype=torch.float32, device=image_embeds.device)
         out = {"loss_itc": zero, "loss_itm": zero, "loss_itg": zero}
         total = zero

@@ -80,6 +80,12 @@ class Blip2Stage2Model(Blip2Base):
             **kwargs,
         )
 
+    def frozen_modules(self) -> list[nn.Module]:
+        return [*super().frozen_modules(), *([] if self.train_language_model else [self.language_model])]
+
+    def trainable_deep_modules(self) -> list[nn.Module]:
+        return [*super().trainable_deep_modules(), *([self.language_model] if self.train_language_model else [])]
+
     def train(self, mode: bool = True):
         super().train(mode)
         if not self.train_language_model:
@@ -91,9 +97,12 @@ class Blip2Stage2Model(Blip2Base):
         return bool(self.language_model.config.is_encoder_decoder)
 
     # ----------------------------------------------------------------- building blocks
-    def visual_prompts(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, NQ, d_llm) soft prompts in the LLM's dtype."""
-        image_embeds = self.image_features(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+    def visual_prompts(self, pixel_values: torch.Tensor | None, interpolate_pos_encoding: bool = False,
+                       vision_features: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, NQ, d_llm) soft prompts in the LLM's dtype (or from the frozen trunk's
+        ``vision_features``, see ``image_features``)."""
+        image_embeds = self.image_features(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                           vision_features=vision_features)
         queries = self.query_outputs(image_embeds)
         prompts = self.language_projection(queries.to(self.language_projection.weight.dtype))
         return prompts.to(self.language_model.get_input_embeddings().weight.dtype)
@@ -116,7 +125,7 @@ class Blip2Stage2Model(Blip2Base):
     # ----------------------------------------------------------------- training / scoring
     def forward(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
@@ -124,12 +133,14 @@ class Blip2Stage2Model(Blip2Base):
         decoder_attention_mask: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
         return_logits: bool | None = None,
+        vision_features: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The LM loss when ``labels`` are given; logits when ``return_logits`` (default: without ``labels``).
 
         Decoder-only: ``input_ids``/``labels`` cover the text after the visual prompts, ``labels`` aligned
         with ``input_ids`` (-100 over prompt and padding); the query positions are masked here.
         Encoder-decoder: ``input_ids`` is the encoder's text prefix, ``labels`` the decoder targets.
+        ``vision_features`` replaces ``pixel_values`` with the frozen trunk's output (a feature cache).
         Returned logits cover the query positions too (decoder-only), as transformers' do.
 
         Training asks for the loss alone. A decoder-only LLM then applies its output layer only where a label
@@ -138,7 +149,8 @@ class Blip2Stage2Model(Blip2Base):
         """
         if return_logits is None:
             return_logits = labels is None
-        prompts = self.visual_prompts(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        prompts = self.visual_prompts(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                      vision_features=vision_features)
         embeds, mask = self._prepend_prompts(prompts, input_ids, attention_mask)
         if labels is not None and not return_logits and self._output_layer_is_plain():
             return {"loss": self._labelled_positions_loss(embeds, mask, prompts.shape[1], labels)}

@@ -66,6 +66,12 @@ def encode_images(
         hidden = trunk_features(
             vision_model, pixel_values.to(trunk_dtype(vision_model)), interpolate_pos_encoding=interpolate_pos_encoding
         )
+    return ln_vision(vision_model, hidden)
+
+
+def ln_vision(vision_model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """BLIP-2's trainable ``ln_vision`` (the encoder's ``post_layernorm``) on trunk features, e.g. features
+    read from a frozen-feature cache (``blip2cli/data/feature_cache.py``)."""
     norm = vision_model.post_layernorm
     # LAVIS computes ln_vision in fp32 and so do we, whatever the trunk's dtype.
     return F.layer_norm(hidden.to(norm.weight.dtype), norm.normalized_shape, norm.weight, norm.bias, norm.eps)

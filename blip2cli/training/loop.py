@@ -149,8 +149,13 @@ def _finish(s: Session, step: int, history: list[dict[str, Any]], say) -> TrainR
 
 
 def _dry_run(s: Session, say) -> TrainResult:
+    from blip2cli.training.feature_cache import feature_cache_cost
+
     batch = next(s.batches)
     s.batcher(batch, step=s.start_step, device=s.env.device)
-    say(f"dry run: one batch of {batch['pixel_values'].shape[0]} images loaded; {s.accumulation} micro-batches of "
+    what = "cached images" if "vision_features" in batch else "images"
+    say(f"dry run: one batch of {len(batch['text'])} {what} loaded; {s.accumulation} micro-batches of "
         f"{s.recipe.data.micro_batch_size} per step on {s.env.world_size} process(es)")
+    if not s.model.train_vision:
+        say(feature_cache_cost(s.recipe, s.model), highlight=False, soft_wrap=True)
     return TrainResult(s.run_dir, None, s.start_step, parameter_counts=s.parameter_counts)

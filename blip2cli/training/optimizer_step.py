@@ -6,7 +6,6 @@ Under several processes the gradients are synchronised once per step, on the las
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -14,7 +13,6 @@ from typing import Any, Iterator
 import torch
 
 from blip2cli.distributed import DistEnv
-from blip2cli.errors import Blip2Error
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -30,10 +28,22 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 @dataclass
 class StepOutcome:
-    losses: dict[str, float]  # each "loss*" output, averaged over the step's micro-batches (this rank)
+    """What a step leaves behind. Losses and the gradient norm stay on the device (reading them waits for the
+    GPU): ``values()`` reads them, once per logged step."""
+
+    losses: dict[str, torch.Tensor]  # each "loss*" output, averaged over the step's micro-batches (this rank)
     samples: int  # samples the step trained on, all ranks
     skipped: dict[str, int] = field(default_factory=dict)  # samples the data pipeline skipped, by reason (this rank)
-    grad_norm: float | None = None
+    grad_norm: torch.Tensor | None = None
+
+    def values(self) -> tuple[dict[str, float], float | None]:
+        """(losses, gradient norm) as floats, read from the device in one transfer."""
+        keys = sorted(self.losses)
+        scalars = [self.losses[k].float().reshape(()) for k in keys]
+        if self.grad_norm is not None:
+            scalars.append(self.grad_norm.float().reshape(()).to(scalars[0].device if scalars else self.grad_norm.device))
+        read = torch.stack(scalars).tolist() if scalars else []
+        return dict(zip(keys, read[:len(keys)])), (read[-1] if self.grad_norm is not None else None)
 
 
 class OptimizerStep:
@@ -55,12 +65,10 @@ class OptimizerStep:
             out = self._forward_backward(batch, step * self.accumulation + micro,
                                          sync=micro == self.accumulation - 1)
             for key, value in out.items():
-                if key.startswith("loss"):
-                    outcome.losses[key] = outcome.losses.get(key, 0.0) + float(value.detach()) / self.accumulation
-            outcome.samples += batch["pixel_values"].shape[0] * self.env.world_size
-        if not all(math.isfinite(v) for v in outcome.losses.values()):
-            raise Blip2Error(f"non-finite loss at step {step}: {outcome.losses}; "
-                             "lower optim.lr or use train.precision=bf16")
+                if key.startswith("loss"):  # summed on the device: no wait for the GPU per micro-batch
+                    share = value.detach().float() / self.accumulation
+                    outcome.losses[key] = outcome.losses[key] + share if key in outcome.losses else share
+            outcome.samples += len(batch["text"]) * self.env.world_size
         outcome.grad_norm = self._update()
         return outcome
 
@@ -73,8 +81,9 @@ class OptimizerStep:
             (self.scaler.scale(loss) if self.scaler else loss).backward()
         return out
 
-    def _update(self) -> float | None:
-        """Unscale, clip, step, zero; returns the gradient norm before clipping (None without clipping)."""
+    def _update(self) -> torch.Tensor | None:
+        """Unscale, clip, step, zero; returns the gradient norm before clipping (None without clipping), on
+        the device."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = None
@@ -82,7 +91,7 @@ class OptimizerStep:
             params = [p for p in self.model.parameters() if p.requires_grad]
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
             # Under FSDP the norm is a DTensor (already the norm over every rank's shards).
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).detach()
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()

@@ -3,6 +3,7 @@ configured loggers, main process only) and a progress line on the console."""
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -10,6 +11,7 @@ from typing import Any, Callable
 import torch
 
 from blip2cli.distributed import DistEnv, mean_across_ranks, sum_counts_across_ranks
+from blip2cli.errors import Blip2Error
 from blip2cli.training.loggers import MetricsLogger
 from blip2cli.training.optimizer_step import StepOutcome
 
@@ -40,10 +42,17 @@ class Progress:
         if step % self.log_every and step != self.max_steps:
             return
         now = time.perf_counter()
-        record = {"step": step, "lr": lr, **mean_across_ranks(outcome.losses, self.env), **self.constant_fields}
+        # The only read of the losses from the device: once per logged step. Averaged over ranks first, so
+        # that a non-finite loss on any rank stops every rank at the same step.
+        losses, grad_norm = outcome.values()
+        losses = mean_across_ranks(losses, self.env)
+        if not all(math.isfinite(v) for v in losses.values()):
+            raise Blip2Error(f"non-finite loss at step {step} (losses are read every train.log_every = "
+                             f"{self.log_every} steps): {losses}; lower optim.lr or use train.precision=bf16")
+        record = {"step": step, "lr": lr, **losses, **self.constant_fields}
         record["samples_per_s"] = self._samples / max(now - self._last_log, 1e-9)
-        if outcome.grad_norm is not None:
-            record["grad_norm"] = outcome.grad_norm
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
         skipped = sum_counts_across_ranks(self._skipped, self.env)
         if skipped:
             record["skipped"] = skipped

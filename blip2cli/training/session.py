@@ -16,6 +16,7 @@ import torch
 
 from blip2cli.checkpoint import base_id_of, save_model, write_run_base
 from blip2cli.distributed import DistEnv
+from blip2cli.models.base import store_frozen_parts_in
 from blip2cli.recipes import Recipe, recipe_to_toml
 from blip2cli.training.builders import BuiltModel, build_model
 from blip2cli.training.checkpointing import (
@@ -88,6 +89,11 @@ def open_session(recipe: Recipe, run_dir: Path, shards: list[str], resume: str |
     counts = model.parameter_counts()
     say(f"model: {counts['trainable']:,} trainable / {counts['frozen']:,} frozen parameters")
     amp_dtype = autocast_dtype(recipe.train.precision, env.device)
+    if amp_dtype is not None and not fsdp:  # FSDP2 wants one dtype per sharded group; it casts itself
+        converted = store_frozen_parts_in(model, amp_dtype)
+        if converted:
+            say(f"frozen parts stored in {str(amp_dtype).removeprefix('torch.')}, the compute dtype: "
+                f"{converted:,} parameters")
     scaler = torch.amp.GradScaler(env.device.type) if amp_dtype is torch.float16 else None
     # Before sharding: a sharded model's parameters are each rank's shards only.
     manifest = {"frozen_sources": built.sources, "frozen_fingerprint": frozen_fingerprint(model)}
@@ -111,8 +117,7 @@ def open_session(recipe: Recipe, run_dir: Path, shards: list[str], resume: str |
     if env.is_main and not dry_run:
         _prepare_run_dir(recipe, run_dir, resume_from, say)
 
-    batches = iter(_train_loader(recipe, shards, env, skip_batches=start_step * accumulation,
-                                 preprocessing=built.model.config.preprocessing))
+    batches = iter(_train_loader(recipe, shards, env, skip_batches=start_step * accumulation, model=built.model))
     wrapped = _wrap(model, recipe, env)
     batcher = TextBatcher(recipe, built)
     if rng_state is not None:
@@ -167,8 +172,11 @@ def _use_fsdp(recipe: Recipe, env: DistEnv, say) -> bool:
 
 
 def _wrap(model, recipe: Recipe, env: DistEnv):
-    if recipe.train.grad_checkpointing:
-        model.qformer.gradient_checkpointing_enable()
+    t = recipe.train
+    if t.grad_checkpointing:
+        model.enable_gradient_checkpointing()
+    if t.compile_vision or t.compile_qformer:
+        model.compile_parts(vision=t.compile_vision, qformer=t.compile_qformer)
     wrapped = model
     if env.distributed and recipe.dist.strategy != "fsdp":  # an FSDP model is sharded in place already
         from torch.nn.parallel import DistributedDataParallel
@@ -183,10 +191,18 @@ def _wrap(model, recipe: Recipe, env: DistEnv):
     return wrapped
 
 
-def _train_loader(recipe: Recipe, shards: list[str], env: DistEnv, skip_batches: int, preprocessing):
+def _train_loader(recipe: Recipe, shards: list[str], env: DistEnv, skip_batches: int, model):
+    d = recipe.data
+    preprocessing = model.config.preprocessing
+    if d.feature_cache:
+        from blip2cli.data.feature_cache import CachedFeatureLoader, check_cache_fits, open_feature_cache
+
+        check_cache_fits(open_feature_cache(d.feature_cache), model.vision_model, preprocessing.size, d.feature_cache)
+        return CachedFeatureLoader(d.feature_cache, d.micro_batch_size, rank=env.rank, world_size=env.world_size,
+                                   seed=recipe.train.seed, captions_top_k=d.captions_top_k, skip_batches=skip_batches,
+                                   pin_memory=env.device.type == "cuda")
     from blip2cli.data.training import make_train_loader
 
-    d = recipe.data
     return make_train_loader(
         shards, weights=d.weights or None, micro_batch_size=d.micro_batch_size, image_size=preprocessing.size,
         preprocessing=preprocessing, rrc_scale=tuple(d.rrc_scale), hflip=d.hflip, captions_top_k=d.captions_top_k,

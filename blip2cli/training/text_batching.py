@@ -32,7 +32,7 @@ class TextBatcher:
 
     def __call__(self, batch: dict[str, Any], step: int, device: torch.device) -> dict[str, torch.Tensor]:
         m, d = self.recipe.model, self.recipe.data
-        pixel_values = batch["pixel_values"].to(device, non_blocking=True)
+        images = image_inputs(batch, device)
         texts = list(batch["text"])
         questions = list(batch.get("question") or [None] * len(texts))
         if m.stage == 1:
@@ -40,7 +40,7 @@ class TextBatcher:
             tokens = self.built.qformer_tokenizer(
                 texts, padding="max_length", truncation=True, max_length=d.max_txt_len, return_tensors="pt"
             )
-            return {"pixel_values": pixel_values, "input_ids": tokens["input_ids"].to(device),
+            return {**images, "input_ids": tokens["input_ids"].to(device),
                     "attention_mask": tokens["attention_mask"].to(device)}
         from blip2cli.models.text import (
             decoder_only_batch,
@@ -74,4 +74,11 @@ class TextBatcher:
             tokens = decoder_only_batch(tokenizer, texts, prompt=prompts, max_length=max_length,
                                         end_token=self.end_token)
             keys = ("input_ids", "attention_mask", "labels")
-        return {"pixel_values": pixel_values, **{k: tokens[k].to(device) for k in keys}}
+        return {**images, **{k: tokens[k].to(device) for k in keys}}
+
+
+def image_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's images as the model takes them: ``pixel_values``, or ``vision_features`` (the frozen
+    trunk's output) when the batch comes from a feature cache."""
+    key = "vision_features" if "vision_features" in batch else "pixel_values"
+    return {key: batch[key].to(device, non_blocking=True)}
