@@ -139,9 +139,9 @@ def cache_features(
     vision: Optional[str] = typer.Option(None, help="Image encoder (as for pretrain)."),
     recipe: Optional[str] = typer.Option(None, help="Recipe name or TOML file [default: by stage/vision]."),
     out: Optional[Path] = typer.Option(None, help="Cache directory [default: the recipe's data.feature_cache]."),
-    root: Optional[str] = typer.Option(None, help="Workspace root."),
+    root: Optional[Path] = ROOT,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the disk cost per image and exit."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = DEVICE,
 ) -> None:
     """Run the frozen image encoder once per image and view over the shards; training reads the features
     with data.feature_cache=DIR."""
