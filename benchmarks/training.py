@@ -13,6 +13,8 @@ loading is not timed. Cases, per stage:
 * ``live``: images through the frozen image encoder, as ``data.feature_cache`` off;
 * ``cache``: the encoder's output given as ``vision_features`` (computed once before timing), as a run
   reading ``blip2 cache-features`` output does;
+* stage 1 ``cache, ITG joint pass``: ITG recomputing the query path (``loss.itg_reuses_query_pass = false``)
+  instead of reading the ITC pass's query keys and values (the default, as LAVIS);
 * ``compiled``: ``compile_parts(vision=True, qformer=True)`` (``train.compile_vision/compile_qformer``),
   with ``--compile-backend`` (inductor by default; aot_eager checks the plumbing quickly);
 * stage 2 also as a plain transformers ``Blip2ForConditionalGeneration`` step on the same modules.
@@ -172,6 +174,8 @@ def run_cases(report, stage, model, optimizer, live, amp, device, batch, args, r
     rates, peak = measure(step, device, args.steps, args.repeats)
     cache_rate = statistics.median(rates) * batch
     report.add(stage, "cache", batch, rates, peak, flops_cache, f"{cache_rate / live_rate:.2f}x live")
+    if stage == 1:
+        itg_joint_pass(report, model, optimizer, cache, amp, device, batch, args, cache_rate, flops_cache)
     if args.no_compile:
         return
     model.compile_parts(vision=True, qformer=True, backend=args.compile_backend)
@@ -185,6 +189,19 @@ def run_cases(report, stage, model, optimizer, live, amp, device, batch, args, r
         base = live_rate if case == "compiled live" else cache_rate
         report.add(stage, case, batch, rates, peak, flops,
                    f"{rate / base:.2f}x eager ({args.compile_backend}, compiled in {compile_s:.0f} s)")
+
+
+def itg_joint_pass(report, model, optimizer, cache, amp, device, batch, args, reuse_rate, reuse_flops):
+    """Stage 1 with ITG recomputing the query path in a joint pass (``loss.itg_reuses_query_pass = false``)
+    against the default, which reads the ITC pass's query keys and values, as LAVIS does."""
+    model.loss_config.itg_reuses_query_pass = False
+    step = train_step(model, optimizer, cache, amp, device)
+    flops = counted_flops(step)
+    rates, peak = measure(step, device, args.steps, args.repeats)
+    model.loss_config.itg_reuses_query_pass = True
+    rate = statistics.median(rates) * batch
+    report.add(1, "cache, ITG joint pass", batch, rates, peak, flops,
+               f"reuse: {reuse_rate / rate:.2f}x samples/s, {reuse_flops / flops:.3f}x FLOPs")
 
 
 def main() -> int:

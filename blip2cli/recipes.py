@@ -89,6 +89,7 @@ class LossSection:
     temp_init: float = _f(0.07, "Initial value of the learnable ITC temperature.")
     temp_clamp: tuple[float, float] | None = _f(None, "Clamp the temperature to [lo, hi] after each step, e.g. [0.001, 0.5] as BLIP/ALBEF; absent = no clamp (BLIP-2).")
     gather_with_grad: bool = _f(False, "How ITC features are gathered across ranks: false = LAVIS's no-grad concat_all_gather (a feature gets gradient only as the anchor of its own rows); true = ours, with autograd (the exact gradient of one big batch). Same loss; the paper does not say. ITM's negative images are gathered with gradient either way, as in LAVIS.")
+    itg_reuses_query_pass: bool = _f(True, "ITG's text reads the queries' keys and values from the ITC query pass, as LAVIS's K/V cache does (one query path, one dropout sample, for both). false = a joint [queries ; text] pass that recomputes the query path with its own dropout sample (blip2 before this option); same loss without dropout, more Q-Former FLOPs.")
     itc_same_image_positives: bool = _f(False, "Treat every caption of the same image as a positive (soft ITC targets), as LAVIS's retrieval fine-tuning does.")
 
 

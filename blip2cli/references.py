@@ -55,6 +55,7 @@ _STAGE1_LAVIS = {
     **_LAVIS_RUNNER, **_PRETRAIN_MODEL, **_LAVIS_DATA, "model.qformer_init": "bert-base-uncased",
     "loss.itc": 1.0, "loss.itm": 1.0, "loss.itg": 1.0, "loss.itc_label_smoothing": 0.1, "loss.itg_label_smoothing": 0.1,
     "loss.temp_init": 0.07, "loss.temp_clamp": None, "loss.gather_with_grad": False, "loss.itc_same_image_positives": False,
+    "loss.itg_reuses_query_pass": True,
     "optim.lr": 1e-4, "optim.min_lr": 1e-5, "optim.warmup_steps": 5000, "optim.warmup_start_lr": 1e-6,
     "train.max_steps": Stated("10 epochs"),
 }

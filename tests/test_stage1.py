@@ -210,6 +210,91 @@ def test_itg_loss_equals_the_loss_over_every_text_position(tok):
     torch.testing.assert_close(grad, reference_grad, atol=1e-7, rtol=1e-5)
 
 
+def _itg_both_ways(model, tok, pixels, ids, mask):
+    """ITG loss and its gradients, computed by reusing the ITC query pass and by one joint pass."""
+    image_embeds = model.image_features(pixels)
+    _, states = model._itc(image_embeds, ids, mask, keep_query_states=True)
+    results = []
+    for query_states in (states, None):
+        loss = model.itg_loss(image_embeds, ids, mask, query_states)
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+        results.append((loss, grads))
+    return results
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_itg_reusing_the_itc_query_pass_equals_the_joint_pass(tok, attn):
+    """Without dropout, the text pass over the ITC pass's query states (LAVIS's K/V reuse) gives the joint
+    pass's loss and every gradient (query tokens, cross-attention, ln_vision included), in float64 to 1e-12."""
+    pixels, ids, mask = batch(tok, n=4)
+    assert not bool(mask.all())  # padded captions
+    model = build(tok).double().eval()
+    model.qformer.set_attn_implementation(attn)
+    (reused, reused_grads), (joint, joint_grads) = _itg_both_ways(model, tok, pixels.double(), ids, mask)
+    torch.testing.assert_close(reused, joint, atol=1e-12, rtol=0)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    reached = 0
+    for name, a, b in zip(names, reused_grads, joint_grads):
+        if a is None:  # the last layer's query FFN: only the joint pass runs it, with zero gradient
+            assert b is None or not b.any(), name
+            continue
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-9, msg=name)
+        reached += bool(a.any()) and name.startswith(("query_tokens", "qformer.encoder.layer.0.crossattention",
+                                                      "vision_model.post"))
+    assert reached >= 3  # the ITG gradient reaches the queries, the cross-attention and ln_vision
+
+
+def test_itg_reuse_with_checkpointing_and_in_forward(tok):
+    """``forward`` reuses the ITC pass (same total as ITC + ITM + joint-pass ITG), and the reuse gives the
+    same loss and gradients under Q-Former activation checkpointing."""
+    pixels, ids, mask = batch(tok, n=4)
+    model = build(tok).double().eval()
+    torch.manual_seed(3)
+    out = model(pixels.double(), ids, mask)
+    image_embeds = model.image_features(pixels.double())
+    torch.manual_seed(3)
+    itc = model.itc(image_embeds, ids, mask)
+    itm = model.itm_loss(image_embeds, ids, mask, itc)
+    itg = model.itg_loss(image_embeds, ids, mask)
+    torch.testing.assert_close(out["loss"], itc.loss + itm + itg, atol=1e-12, rtol=0)
+    model.loss_config.itg_reuses_query_pass = False  # loss.itg_reuses_query_pass = false: the joint pass
+    torch.manual_seed(3)
+    torch.testing.assert_close(model(pixels.double(), ids, mask)["loss"], out["loss"], atol=1e-12, rtol=0)
+    model.loss_config.itg_reuses_query_pass = True
+
+    (plain, plain_grads), _ = _itg_both_ways(model, tok, pixels.double(), ids, mask)
+    model.train()  # checkpointing only recomputes in training mode; dropout off keeps it deterministic
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if hasattr(module, "attention_dropout"):  # self- and cross-attention probabilities
+            module.attention_dropout = 0.0
+    model.qformer.gradient_checkpointing_enable()
+    (checkpointed, checkpointed_grads), _ = _itg_both_ways(model, tok, pixels.double(), ids, mask)
+    torch.testing.assert_close(checkpointed, plain, atol=1e-12, rtol=0)
+    for a, b in zip(checkpointed_grads, plain_grads):
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-9)
+
+
+def test_itg_reuse_in_training_reads_the_itc_dropout_sample(tok):
+    """With dropout, the text reads the queries as the ITC pass computed them (LAVIS's cache holds that
+    pass's dropout sample): the ITG loss is a function of the query states handed over, not of a new draw."""
+    pixels, ids, mask = batch(tok, n=4)
+    model = build(tok).train()
+    image_embeds = model.image_features(pixels)
+    torch.manual_seed(0)
+    _, states = model._itc(image_embeds, ids, mask, keep_query_states=True)
+    model.eval()  # no dropout in the text pass itself: the only randomness left is in the states
+    a = model.itg_loss(image_embeds, ids, mask, states)
+    b = model.itg_loss(image_embeds, ids, mask, states)
+    no_dropout_states = model._itc(image_embeds, ids, mask, keep_query_states=True)[1]
+    c = model.itg_loss(image_embeds, ids, mask, no_dropout_states)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert len(states) == model.qformer.config.num_hidden_layers + 1
+
+
 def test_itc_image_features_independent_of_text(tok):
     pixels, ids, mask = batch(tok, n=4)
     model = build(tok).eval()

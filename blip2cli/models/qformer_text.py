@@ -7,8 +7,10 @@ padding mask (bidirectional) or an already built 4-D mask (passed through unchan
 What it lacks for BLIP-2 stage 1 is built here:
 
 - ``multimodal_causal_mask``: the ITG mask (queries see queries; text sees all queries + earlier text).
-  LAVIS realises ITG with a text-only pass over the query pass's K/V cache; one joint pass with this mask
-  computes the same thing (the query rows never see text, so their outputs equal the query-only pass).
+- ``text_pass_over_queries``: ITG as LAVIS computes it, a text-only pass whose self-attention also reads
+  the keys and values of the ITC query pass (LAVIS reuses that pass's K/V cache), so the query path runs
+  once for ITC and ITG. One joint pass under ``multimodal_causal_mask`` computes the same thing without
+  dropout (the query rows never see text), at the cost of a second query path; it stays the fallback.
 - ``ItgHead``: BERT's MLM prediction head, decoder tied to the word embeddings (LAVIS ``Qformer.cls``).
 - ``init_qformer_from_bert``: load ``bert-base-uncased`` (or any BERT) into the Q-Former as LAVIS
   ``init_Qformer`` + the ``*_query`` copy in ``Blip2Qformer.__init__`` do, with every key accounted for.
@@ -23,7 +25,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.blip_2.modeling_blip_2 import eager_attention_forward
+from transformers.pytorch_utils import apply_chunking_to_forward
 
 
 # --------------------------------------------------------------------------------------------- masks
@@ -70,6 +76,53 @@ def bidirectional_mask(num_queries: int, text_attention_mask: torch.Tensor) -> t
     batch = text_attention_mask.shape[0]
     queries = torch.ones(batch, num_queries, dtype=text_attention_mask.dtype, device=text_attention_mask.device)
     return torch.cat([queries, text_attention_mask], dim=1)
+
+
+# --------------------------------------------------------------------------------------------- ITG text pass
+def text_pass_over_queries(
+    qformer: nn.Module, text_embeds: torch.Tensor, query_states: tuple[torch.Tensor, ...], text_mask: torch.Tensor
+) -> torch.Tensor:
+    """The text rows of the ITG pass, reading the queries of an earlier query pass instead of recomputing them.
+
+    ``text_embeds`` (B, T, H): ``Blip2TextEmbeddings`` of the decoder ids (positions from 0, as LAVIS).
+    ``query_states``: the query pass's ``hidden_states`` (``output_hidden_states=True``), whose entry ``l`` is
+    layer ``l``'s input; the queries' keys and values in layer ``l`` are computed from it, with gradient, as
+    LAVIS's un-detached K/V cache. In training, the queries thus carry the query pass's dropout sample, as
+    in LAVIS. ``text_mask`` (B, 1, T, NQ + T): the text rows of ``multimodal_causal_mask``.
+    Text rows have no cross-attention and use the text FFN, as in ``Blip2QFormerLayer``. Returns (B, T, H).
+    """
+    hidden = qformer.dropout(qformer.layernorm(text_embeds.to(qformer.layernorm.weight.dtype)))
+    # transformers' own test (is_activation_checkpointing, named is_gradient_checkpointing before 5.2x)
+    recompute = torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) for m in qformer.modules())
+    for layer, queries_in in zip(qformer.encoder.layer, query_states):
+        if recompute:
+            hidden = checkpoint(_text_layer, layer, hidden, queries_in, text_mask, use_reentrant=False)
+        else:
+            hidden = _text_layer(layer, hidden, queries_in, text_mask)
+    return hidden
+
+
+def _text_layer(layer: nn.Module, text: torch.Tensor, queries_in: torch.Tensor, text_mask: torch.Tensor):
+    """One ``Blip2QFormerLayer`` for the text rows, attending to ``[queries ; text]``."""
+    attention = layer.attention.attention
+    batch, length = text.shape[:2]
+    both = torch.cat([queries_in.to(text.dtype), text], dim=1)
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.view(batch, x.shape[1], -1, attention.attention_head_size).transpose(1, 2)
+
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
+    context, _ = attend(
+        attention,
+        heads(attention.query(text)),
+        heads(attention.key(both)),
+        heads(attention.value(both)),
+        text_mask,
+        dropout=attention.attention_dropout if attention.training else 0.0,
+        scaling=attention.scaling,
+    )
+    attended = layer.attention.output(context.reshape(batch, length, -1).contiguous(), text)
+    return apply_chunking_to_forward(layer.feed_forward_chunk, layer.chunk_size_feed_forward, layer.seq_len_dim, attended)
 
 
 # --------------------------------------------------------------------------------------------- ITG head

@@ -5,8 +5,10 @@ image -> frozen ViT -> ln_vision -> Q-Former, trained with three objectives that
 - ITC (image-text contrastive): query-only pass and text-only pass; similarity = max over the queries;
 - ITM (image-text matching): one bidirectional ``[queries ; text]`` pass per pair, with hard negatives
   drawn from the ITC similarities of the whole (gathered) batch;
-- ITG (image-grounded text generation): one ``[queries ; text]`` pass under the multimodal-causal mask,
-  text predicted by the ``ItgHead`` with ``[DEC]`` in place of ``[CLS]``.
+- ITG (image-grounded text generation): a text pass under the multimodal-causal mask that reads the
+  queries' keys and values of the ITC query pass (LAVIS's K/V-cache reuse, ``text_pass_over_queries``),
+  text predicted by the ``ItgHead`` with ``[DEC]`` in place of ``[CLS]``. Without an ITC pass to reuse
+  (ITC weight 0), one joint ``[queries ; text]`` pass computes it.
 
 Attribute names are those of transformers' ``Blip2ForImageTextRetrieval`` (``vision_model, query_tokens,
 embeddings, qformer, vision_projection, text_projection, itm_head``), so our state dict minus
@@ -39,7 +41,7 @@ from blip2cli.models.losses import (
     same_image,
     sample_hard_negatives,
 )
-from blip2cli.models.qformer_text import ItgHead, bidirectional_mask, multimodal_causal_mask
+from blip2cli.models.qformer_text import ItgHead, bidirectional_mask, multimodal_causal_mask, text_pass_over_queries
 from blip2cli.models.vision import build_vision_model
 
 IGNORE_INDEX = -100
@@ -71,6 +73,10 @@ class Stage1LossConfig:
     # ITC (soft targets) and never drawn as ITM negatives. Needs ``image_ids`` in ``forward``; without this
     # flag ``image_ids`` is ignored (LAVIS switched on the mere presence of the key).
     image_id_positives: bool = False
+    # ITG reads the queries' keys and values from the ITC query pass (LAVIS's un-detached K/V cache: one
+    # query path and one dropout sample for both). False: a joint pass recomputes the query path for ITG,
+    # with its own dropout sample; the same loss and gradients without dropout, more Q-Former FLOPs.
+    itg_reuses_query_pass: bool = True
 
     def __post_init__(self):
         weights = (self.itc_weight, self.itm_weight, self.itg_weight)
@@ -210,7 +216,9 @@ class Blip2Stage1Model(Blip2Base):
     # ----------------------------------------------------------------- features and scores (also for eval)
     def image_feats(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """ln_vision features -> normalised projected query outputs (B, NQ, D)."""
-        queries = self.query_outputs(image_embeds)
+        return self._project_queries(self.query_outputs(image_embeds))
+
+    def _project_queries(self, queries: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.vision_projection(queries.to(self.vision_projection.weight.dtype)), dim=-1)
 
     def text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -262,15 +270,27 @@ class Blip2Stage1Model(Blip2Base):
         attention_mask: torch.Tensor,
         image_ids: torch.Tensor | None = None,
     ) -> ItcOutput:
+        return self._itc(image_embeds, input_ids, attention_mask, image_ids)[0]
+
+    def _itc(self, image_embeds, input_ids, attention_mask, image_ids=None, keep_query_states: bool = False):
+        """ITC, and with ``keep_query_states`` the query pass's per-layer inputs, for ITG to reuse."""
         cfg = self.loss_config
-        return itc_loss(
-            self.image_feats(image_embeds),
+        batch = image_embeds.shape[0]
+        query_pass = self.qformer(
+            query_embeds=self.query_tokens.expand(batch, -1, -1),
+            encoder_hidden_states=image_embeds,  # no image mask: see Blip2Base.query_outputs
+            output_hidden_states=keep_query_states,
+            return_dict=True,
+        )
+        itc = itc_loss(
+            self._project_queries(query_pass.last_hidden_state),
             self.text_embeddings(input_ids, attention_mask),
             self.temp,
             label_smoothing=cfg.itc_label_smoothing,
             gather_with_grad=cfg.gather_with_grad,
             image_ids=image_ids,
         )
+        return itc, query_pass.hidden_states if keep_query_states else None
 
     def itm_loss(
         self,
@@ -313,19 +333,30 @@ class Blip2Stage1Model(Blip2Base):
         return (per_pair * weights).sum() / weights.sum()
 
     def itg_loss(
-        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        image_embeds: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        query_states: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
         """Image-grounded captioning: ``[DEC]`` replaces ``[CLS]``; every later token (``[SEP]`` included)
-        is predicted from the queries and the earlier text."""
+        is predicted from the queries and the earlier text.
+
+        ``query_states``: the ITC query pass's per-layer inputs; the text then reads the queries' keys and
+        values from them (LAVIS) instead of a joint pass recomputing the query path.
+        """
         if self.dec_token_id is None:
             raise ValueError("ITG needs dec_token_id (the [DEC] token that replaces [CLS])")
         decoder_ids = input_ids.clone()
         decoder_ids[:, 0] = self.dec_token_id
         labels = decoder_ids.masked_fill((attention_mask == 0) | (decoder_ids == self.pad_token_id), IGNORE_INDEX)
-        mask = multimodal_causal_mask(
-            self.num_query_tokens, attention_mask, dtype=self.qformer.layernorm.weight.dtype
-        )
-        hidden = self.joint_hidden(image_embeds, decoder_ids, mask)[:, self.num_query_tokens :, :]
+        nq = self.num_query_tokens
+        mask = multimodal_causal_mask(nq, attention_mask, dtype=self.qformer.layernorm.weight.dtype)
+        if query_states is None:
+            hidden = self.joint_hidden(image_embeds, decoder_ids, mask)[:, nq:, :]
+        else:
+            text_embeds = self.embeddings(input_ids=decoder_ids)
+            hidden = text_pass_over_queries(self.qformer, text_embeds, query_states, mask[:, :, nq:, :])
         # Shift: the output at position t predicts the token at t + 1. The head (vocabulary-sized) runs only
         # where that token is a label, not over the padding: LAVIS's loss, without its padded logits.
         targets = labels[:, 1:]
@@ -368,11 +399,13 @@ class Blip2Stage1Model(Blip2Base):
         out = {"loss_itc": zero, "loss_itm": zero, "loss_itg": zero}
         total = zero
 
-        itc = None
+        itc, query_states = None, None
         if cfg.itc_weight > 0 or cfg.itm_weight > 0:
-            # With ITC off, ITM still needs the similarities to draw negatives, but no gradient.
+            # With ITC off, ITM still needs the similarities to draw negatives, but no gradient; ITG then
+            # cannot reuse that pass (its gradient must reach the query path) and runs a joint pass.
+            reuse = cfg.itg_reuses_query_pass and cfg.itc_weight > 0 and cfg.itg_weight > 0
             with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.itc_weight > 0):
-                itc = self.itc(image_embeds, input_ids, attention_mask, image_ids)
+                itc, query_states = self._itc(image_embeds, input_ids, attention_mask, image_ids, reuse)
             if cfg.itc_weight > 0:
                 out["loss_itc"] = itc.loss
                 total = total + cfg.itc_weight * itc.loss
@@ -380,7 +413,7 @@ class Blip2Stage1Model(Blip2Base):
             out["loss_itm"] = self.itm_loss(image_embeds, input_ids, attention_mask, itc, image_ids)
             total = total + cfg.itm_weight * out["loss_itm"]
         if cfg.itg_weight > 0:
-            out["loss_itg"] = self.itg_loss(image_embeds, input_ids, attention_mask)
+            out["loss_itg"] = self.itg_loss(image_embeds, input_ids, attention_mask, query_states)
             total = total + cfg.itg_weight * out["loss_itg"]
         out["loss"] = total
         return out

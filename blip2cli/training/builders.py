@@ -173,7 +173,7 @@ def _loss_config(recipe: Recipe) -> Stage1LossConfig:
         itc_weight=loss.itc, itm_weight=loss.itm, itg_weight=loss.itg,
         itc_label_smoothing=loss.itc_label_smoothing, itg_label_smoothing=loss.itg_label_smoothing,
         temp_clamp=tuple(loss.temp_clamp) if loss.temp_clamp else None, gather_with_grad=loss.gather_with_grad,
-        image_id_positives=loss.itc_same_image_positives,
+        image_id_positives=loss.itc_same_image_positives, itg_reuses_query_pass=loss.itg_reuses_query_pass,
     )
 
 
