@@ -7,8 +7,12 @@ utilisation, eager vs compiled, live frozen image encoder vs frozen-feature cach
 
 A step is what ``blip2cli.training.optimizer_step`` does per micro-batch: forward under autocast (bf16 on
 a GPU, none on a CPU), backward, AdamW step (``build_optimizer``: fused on a GPU), frozen parts stored in
-the compute dtype (``store_frozen_parts_in``). Inputs are synthetic tensors already on the device: data
-loading is not timed. Cases, per stage:
+the compute dtype (``store_frozen_parts_in``). Inputs are synthetic tensors already on the device (uint8
+images, normalised in the step as in training): data loading is not timed. Before the cases, the host-side
+data path per stage-1 micro-batch: the text tokenisation ``TextBatcher`` runs in the main process (a fast
+WordPiece tokenizer trained here on synthetic 20-word captions, ``data.max_txt_len`` 32), and the bytes of
+the batch's images sent to the device as uint8 and, as before, as fp32, at 224 px and at the fine-tuning
+recipes' 364 and 490 px. Cases, per stage:
 
 * ``live``: images through the frozen image encoder, as ``data.feature_cache`` off;
 * ``cache``: the encoder's output given as ``vision_features`` (computed once before timing), as a run
@@ -51,9 +55,12 @@ from blip2cli.models.stage2 import Blip2Stage2Model  # noqa: E402
 from blip2cli.models.vision import trunk_features  # noqa: E402
 from blip2cli.recipes import OptimSection  # noqa: E402
 from blip2cli.training.optim import build_optimizer  # noqa: E402
+from blip2cli.training.text_batching import qformer_tokens  # noqa: E402
 
 # Dense bf16 tensor-core peak, FLOP/s (vendor data sheets, without sparsity).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
+# Pre-training at 224 px, the fine-tuning recipes at 364 (captioning, retrieval) and 490 px (VQA).
+DATA_IMAGE_SIZES = (224, 364, 490)
 
 
 def stage1_model(size: str) -> Blip2Stage1Model:
@@ -76,6 +83,42 @@ def stage1_model(size: str) -> Blip2Stage1Model:
                               qformer=clean_config_dict(qformer.to_dict()), num_query_tokens=queries,
                               image_size=vision.image_size, stage=1)
     return Blip2Stage1Model.from_config(config, dec_token_id=qformer.vocab_size - 1, pad_token_id=0)
+
+
+def synthetic_captions(count: int, words: int = 20, vocabulary: int = 5000, seed: int = 0) -> list[str]:
+    """``count`` captions of ``words`` words drawn from ``vocabulary`` made-up lowercase words."""
+    import random
+    import string
+
+    rng = random.Random(seed)
+    lexicon = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 9))) for _ in range(vocabulary)]
+    return [" ".join(rng.choices(lexicon, k=words)) for _ in range(count)]
+
+
+def tokenisation_ms(batch: int, max_txt_len: int = 32, repeats: int = 20) -> float:
+    """Median ms of stage 1's text tokenisation (``qformer_tokens``) of one micro-batch of fresh captions, with
+    a fast BERT WordPiece tokenizer holding every word of the captions whole (as BERT holds common words)."""
+    from blip2cli.tiny.tokenizers import train_bert_tokenizer
+
+    captions = synthetic_captions(batch * (repeats + 1))
+    tokenizer = train_bert_tokenizer(captions, vocab_size=30522)
+    batches = [captions[i * batch:(i + 1) * batch] for i in range(repeats + 1)]
+    qformer_tokens(tokenizer, batches[0], max_txt_len)  # warm-up
+    times = []
+    for texts in batches[1:]:
+        start = time.perf_counter()
+        qformer_tokens(tokenizer, texts, max_txt_len)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def data_path_lines(batch: int) -> list[str]:
+    """The host-side data path per stage-1 micro-batch (see the module docstring), two comment lines."""
+    sizes = ", ".join(f"{batch * 3 * s * s / 2**20:.1f} vs {4 * batch * 3 * s * s / 2**20:.1f} MiB at {s} px"
+                      for s in DATA_IMAGE_SIZES)
+    return [f"# data path per stage-1 micro-batch of {batch}, host side (not timed below): text tokenisation "
+            f"{tokenisation_ms(batch):.2f} ms (fast WordPiece, 20-word captions, max_txt_len 32)",
+            f"# images per micro-batch to the device, uint8 (now) vs fp32 (before): {sizes}"]
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -125,10 +168,11 @@ def train_step(model, optimizer, inputs, amp_dtype, device):
 
 def cached_inputs(model, inputs, amp_dtype):
     """``inputs`` with the images replaced by the frozen trunk's output, in the cache's dtype."""
+    pixels = model.config.preprocessing.normalized(inputs["pixel_values"])
     with torch.inference_mode():
-        features = trunk_features(model.vision_model, inputs["pixel_values"].to(model.vision_model.dtype
-                                                                               if hasattr(model.vision_model, "dtype")
-                                                                               else torch.float32))
+        features = trunk_features(model.vision_model, pixels.to(model.vision_model.dtype
+                                                                if hasattr(model.vision_model, "dtype")
+                                                                else torch.float32))
     return {**{k: v for k, v in inputs.items() if k != "pixel_values"},
             "vision_features": features.to(amp_dtype or torch.float32).clone()}
 
@@ -154,6 +198,11 @@ class Report:
             with open(self.args.jsonl, "a") as f:
                 f.write(json.dumps(record) + "\n")
         return median
+
+
+def random_pixels(batch: int, size: int, device: torch.device) -> torch.Tensor:
+    """uint8 images, as the training loaders send them."""
+    return torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
 
 
 def device_name(device: torch.device) -> str:
@@ -228,8 +277,10 @@ def main() -> int:
     report = Report(args, device, amp, peak_flops)
     print(f"# {args.size} configs on {name}, autocast {amp}, median of {args.steps} steps x {args.repeats} repeats; "
           f"peak {peak or 'unknown'} TFLOP/s")
-    print(report.header)
     stages = {int(s) for s in args.stages.split(",")}
+    if 1 in stages:
+        print("\n".join(data_path_lines(b1)), flush=True)
+    print(report.header)
 
     if 1 in stages:
         torch.manual_seed(0)
@@ -239,7 +290,7 @@ def main() -> int:
             store_frozen_parts_in(model, amp)
         model.train()
         size = model.config.image_size
-        inputs = dict(pixel_values=torch.randn(b1, 3, size, size, device=device),
+        inputs = dict(pixel_values=random_pixels(b1, size, device),
                       input_ids=torch.randint(1, 90, (b1, 32), device=device),
                       attention_mask=torch.ones(b1, 32, dtype=torch.long, device=device))
         optimizer = build_optimizer(model, OptimSection())
@@ -268,14 +319,15 @@ def main() -> int:
     nq, size = config.num_query_tokens, config.vision_config.image_size
     text = torch.randint(4, 200, (b2, 32), device=device)
     text[:, 0] = config.text_config.bos_token_id
-    pixel_values = torch.randn(b2, 3, size, size, device=device)
+    pixel_values = random_pixels(b2, size, device)
     hf_ids = torch.cat([torch.full((b2, nq), config.image_token_index, device=device), text], dim=1)
     hf_labels = hf_ids.masked_fill(hf_ids == config.image_token_index, -100)
     hf.train()
     hf.vision_model.eval()  # frozen parts without dropout, as blip2 (and LAVIS) train them
     hf.language_model.eval()
     optimizer = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-5)
-    step = train_step(hf, optimizer, dict(pixel_values=pixel_values, input_ids=hf_ids, labels=hf_labels), amp, device)
+    hf_pixels = ours.config.preprocessing.normalized(pixel_values)  # transformers takes normalised floats only
+    step = train_step(hf, optimizer, dict(pixel_values=hf_pixels, input_ids=hf_ids, labels=hf_labels), amp, device)
     flops = counted_flops(step)
     rates, peak_mem = measure(step, device, args.steps, args.repeats)
     reference = report.add(2, "transformers live", b2, rates, peak_mem, flops)

@@ -183,3 +183,13 @@ def write_shards(directory: Path, num_shards: int = 2, per_shard: int = 8, corru
                 sink.write({"__key__": key, "jpg": buffer.getvalue(), "txt": caption, "json": {"caption": caption}})
         paths.append(str(path))
     return paths
+
+
+def losses_and_query_grad(model, inputs: dict, seed: int = 11) -> tuple[dict, torch.Tensor]:
+    """One training forward and backward of ``model`` on ``inputs``, with dropout and ITM's negative draws
+    seeded: its losses and the gradient of its query tokens."""
+    model.zero_grad()
+    torch.manual_seed(seed)
+    out = model(**inputs)
+    out["loss"].backward()
+    return {k: v.detach() for k, v in out.items() if k.startswith("loss")}, model.query_tokens.grad.clone()

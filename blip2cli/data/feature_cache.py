@@ -16,7 +16,9 @@ Layout of a cache directory (``write_feature_cache``):
   encoder's fingerprint, the preprocessing and the views' augmentation settings.
 
 View ``v`` of image ``key`` is ``augmented_view(image, transform, seed, key, v)``: a pure function, so the
-same views can be made again from the shards (tests compare cached and live losses on them).
+same views can be made again from the shards (tests compare cached and live losses on them). Views are made
+as uint8 pixels and normalised on the encoder's device, as training normalises its batches
+(``ImagePreprocessing.normalized``), so cached features are those live training computes.
 """
 
 from __future__ import annotations
@@ -134,7 +136,8 @@ def write_feature_cache(
     urls = [u for spec in specs for u in expand_shards(spec)]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # the cache is unusable until the new manifest is written
-    transform = image_transform(preprocessing.size, True, tuple(rrc_scale), hflip, preprocessing=preprocessing)
+    transform = image_transform(preprocessing.size, True, tuple(rrc_scale), hflip, preprocessing=preprocessing,
+                                uint8=True)
     decoder = SampleDecoder(transform, max_pixels=max_image_pixels)
     tokens, width = trunk_tokens(vision_model, preprocessing.size)
     manifest = CacheManifest(views, tokens, width, dtype, preprocessing.size, tuple(rrc_scale), hflip, seed,
@@ -155,10 +158,10 @@ def write_feature_cache(
             records.append({"key": key, **{k: _text(sample.get(k)) for k in ("txt", "json")}})
             pixels.extend(augmented_view(image, transform, seed, key, v) for v in range(views))
             if len(pixels) >= batch_size * views:
-                features.append(_encode(vision_model, pixels, DTYPES[dtype]))
+                features.append(_encode(vision_model, pixels, DTYPES[dtype], preprocessing))
                 pixels = []
         if pixels:
-            features.append(_encode(vision_model, pixels, DTYPES[dtype]))
+            features.append(_encode(vision_model, pixels, DTYPES[dtype], preprocessing))
         if not records:
             continue
         stacked = torch.cat(features).reshape(len(records), views, tokens, width).contiguous()
@@ -183,10 +186,11 @@ def _text(value: bytes | None) -> str | None:
 
 
 @torch.inference_mode()
-def _encode(vision_model: nn.Module, pixels: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def _encode(vision_model: nn.Module, pixels: list[torch.Tensor], dtype: torch.dtype,
+            preprocessing: ImagePreprocessing) -> torch.Tensor:
     params = trunk_parameters(vision_model)
     device, trunk_dtype = params[0].device, params[0].dtype
-    hidden = trunk_features(vision_model, torch.stack(pixels).to(device, trunk_dtype))
+    hidden = trunk_features(vision_model, preprocessing.normalized(torch.stack(pixels).to(device)).to(trunk_dtype))
     out = hidden.to(dtype)
     if not torch.isfinite(out).all():
         raise Blip2Error(f"the image encoder's features overflow {dtype}; write the cache with dtype bf16 or fp32")

@@ -1,4 +1,4 @@
-"""Training and evaluation data: webdataset shards -> batches of (normalised images, captions).
+"""Training and evaluation data: webdataset shards -> batches of (uint8 images, captions).
 
 Shards are what ``blip2 download`` / img2dataset and ``blip2 capfilt`` write: tar files whose members
 are ``{key}.jpg`` (or png/webp), ``{key}.txt`` (the web caption) and ``{key}.json`` (metadata; CapFilt
@@ -34,6 +34,10 @@ Training stream (``make_train_loader``)
   so summing them over batches in the main process gives totals even with worker processes). A dataset
   none of whose shards can be read, or a stream that sees only bad samples for a long time, raises a
   one-line :class:`Blip2Error` instead of spinning forever.
+* **Images travel as uint8**: ``pixel_values`` are the transformed image's pixels (``uint8=True``, the
+  default of both loaders), a quarter of fp32's bytes to pin and copy to the GPU; the model normalises
+  them on the device with its own mean/std, bit-identical to ``ToTensor`` + ``Normalize`` here
+  (``models/preprocessing.normalize_uint8``). ``uint8=False`` gives the normalised floats instead.
 
 Resume
 ------
@@ -128,8 +132,11 @@ def image_transform(
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
     preprocessing: ImagePreprocessing | None = None,
+    uint8: bool = False,
 ) -> T.Compose:
-    """BLIP-2 preprocessing of a PIL RGB image into a normalised (3, S, S) float tensor.
+    """BLIP-2 preprocessing of a PIL RGB image into a normalised (3, S, S) float tensor, or with ``uint8``
+    into its (3, S, S) uint8 pixels, which the model normalises on the device (``Blip2Base.image_features``,
+    with the model's mean/std: ``mean``/``std`` apply to float output only). Both are the same numbers.
 
     train: LAVIS ``blip2_image_train`` = RandomResizedCrop(S, scale, bicubic) + horizontal flip.
     eval:  LAVIS ``blip_image_eval`` = Resize((S, S), bicubic): a square resize, no crop.
@@ -146,7 +153,8 @@ def image_transform(
         steps = [T.Resize((pre.size, pre.size), interpolation=interpolation)]
     else:
         steps = [T.Resize(pre.shortest_edge, interpolation=interpolation), T.CenterCrop(pre.size)]
-    return T.Compose([*steps, T.ToTensor(), T.Normalize(pre.mean, pre.std)])
+    to_tensor = [T.PILToTensor()] if uint8 else [T.ToTensor(), T.Normalize(pre.mean, pre.std)]
+    return T.Compose([*steps, *to_tensor])
 
 
 # ----------------------------------------------------------------- shard lists
@@ -443,7 +451,7 @@ class _TrainStream(IterableDataset):
 
 
 class TrainLoader:
-    """An infinite iterable of training batches (dicts: ``pixel_values`` (B, 3, S, S) float32, ``text``
+    """An infinite iterable of training batches (dicts: ``pixel_values`` (B, 3, S, S) uint8, ``text``
     list[str], ``key`` list[str], ``skipped`` {reason: count since the stream's last batch}).
 
     Iterating again continues where the previous iteration stopped (workers are kept). With
@@ -452,12 +460,12 @@ class TrainLoader:
     """
 
     def __init__(self, stream: _TrainStream, num_workers: int, batches_done: int, cursors: list[int],
-                 skipped: dict[str, int], batches_per_epoch: int | None, timeout: float):
+                 skipped: dict[str, int], batches_per_epoch: int | None, timeout: float, pin_memory: bool = False):
         self._stream, self.num_workers = stream, num_workers
         self.batches_done, self.cursors = batches_done, cursors
         self.skipped = SkipCounter(skipped)
         self.batches_per_epoch = batches_per_epoch
-        self._timeout = timeout
+        self._timeout, self._pin_memory = timeout, pin_memory
         self._it: Iterator[dict[str, Any]] | None = None
 
     def __len__(self) -> int:
@@ -473,7 +481,7 @@ class TrainLoader:
             loader = DataLoader(self._stream, batch_size=None, num_workers=w, persistent_workers=w > 0,
                                 prefetch_factor=2 if w else None, timeout=self._timeout if w else 0,
                                 generator=torch.Generator().manual_seed(self._stream.seed),
-                                worker_init_fn=_ignore_stop_signals if w else None)
+                                worker_init_fn=_ignore_stop_signals if w else None, pin_memory=self._pin_memory)
             self._it = iter(loader)
         count = range(self.batches_per_epoch) if self.batches_per_epoch else itertools.count()
         for _ in count:
@@ -524,6 +532,8 @@ def make_train_loader(
     reseed: bool = False,
     timeout: float = 0,
     max_image_pixels: int | None = None,
+    uint8: bool = True,
+    pin_memory: bool = False,
 ) -> TrainLoader:
     """The infinite, resampled, per-rank training stream (see the module docstring).
 
@@ -534,6 +544,8 @@ def make_train_loader(
     start a fresh stream seeded with the resume position (O(1), not identical). ``timeout``: seconds a
     worker may take for one batch before the DataLoader raises (0 = wait forever). ``max_image_pixels``:
     larger images are skipped and counted as ``too_large`` (None: ``images.max_image_pixels()``).
+    ``uint8``: uint8 ``pixel_values`` (the model normalises them), else normalised floats (``mean``/``std``).
+    ``pin_memory``: batches in page-locked memory, for asynchronous copies to a GPU.
     """
     if not 0 <= rank < world_size:
         raise Blip2Error(f"rank {rank} is outside world size {world_size}")
@@ -559,7 +571,7 @@ def make_train_loader(
         stream_seed, skip_raw = derive_seed(seed, "resume", skip_batches), None
     rotate = 0 if (reseed and skip_batches) else skip_batches % n_workers
 
-    decoder = SampleDecoder(image_transform(image_size, True, rrc_scale, hflip, mean, std, preprocessing),
+    decoder = SampleDecoder(image_transform(image_size, True, rrc_scale, hflip, mean, std, preprocessing, uint8),
                             captions_top_k, max_words, max_image_pixels)
     stream = _TrainStream(datasets, weights, decoder, micro_batch_size, rank, world_size, stream_seed,
                           shuffle_buffer, skip_batches=0 if (reseed or skip_raw) else skip_batches,
@@ -568,7 +580,7 @@ def make_train_loader(
     # the saved ones, otherwise they are unknown until each stream delivers a batch (0 = not yet).
     cursors = list(skip_raw) if skip_raw else [0] * n_workers
     per_epoch = max(1, epoch_samples // micro_batch_size) if epoch_samples else None
-    return TrainLoader(stream, num_workers, skip_batches, cursors, skipped, per_epoch, timeout)
+    return TrainLoader(stream, num_workers, skip_batches, cursors, skipped, per_epoch, timeout, pin_memory)
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
@@ -625,17 +637,19 @@ def make_eval_loader(
     num_workers: int = 0,
     preprocessing: ImagePreprocessing | None = None,
     max_image_pixels: int | None = None,
+    uint8: bool = True,
 ) -> DataLoader:
     """A finite pass over ``shards`` in order (shards in the given order, samples in tar order) with the
     eval transform; captions are the best CapFilt caption or the ``.txt``; the last batch may be
     partial; bad samples are skipped and counted as in training. With ``num_workers > 0`` the shards
-    are split across workers, so batches interleave by worker (still deterministic)."""
+    are split across workers, so batches interleave by worker (still deterministic). ``uint8`` as in
+    :func:`make_train_loader`."""
     if isinstance(shards, (str, os.PathLike)):
         urls = expand_shards(shards)
     else:
         urls = [u for spec in shards for u in expand_shards(spec)] if shards else expand_shards([])
-    decoder = SampleDecoder(image_transform(image_size, False, mean=mean, std=std, preprocessing=preprocessing), 1,
-                            max_words, max_image_pixels)
+    transform = image_transform(image_size, False, mean=mean, std=std, preprocessing=preprocessing, uint8=uint8)
+    decoder = SampleDecoder(transform, 1, max_words, max_image_pixels)
     return DataLoader(_EvalStream(urls, decoder, batch_size), batch_size=None, num_workers=num_workers)
 
 

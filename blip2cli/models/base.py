@@ -48,6 +48,9 @@ class Blip2Base(nn.Module):
                        vision_features: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 3, H, W) -> (B, tokens, vision width) after ``ln_vision``.
 
+        ``pixel_values``: normalised floats, or uint8 pixels as the training loaders send them, normalised here
+        on their device with the model's own mean/std (``ImagePreprocessing.normalized``; bit-identical to
+        normalising on the host with torchvision).
         ``vision_features``: instead of images, the frozen trunk's output for them (B, tokens, width), as a
         frozen-feature cache stores it; only ``ln_vision`` runs. Refused while the image encoder trains.
         """
@@ -61,7 +64,7 @@ class Blip2Base(nn.Module):
             raise ValueError("pixel_values or vision_features is needed")
         return (getattr(self, "_encode_images", None) or encode_images)(
             self.vision_model,
-            pixel_values,
+            self.config.preprocessing.normalized(pixel_values),
             train_trunk=self.train_vision,
             interpolate_pos_encoding=interpolate_pos_encoding,
         )

@@ -13,12 +13,19 @@ Each value can be overridden from a recipe (``model.image_size``, ``model.image_
 chosen is stored in the checkpoint (``Blip2ModelConfig``) so that eval and inference prepare images the
 same way. Training keeps BLIP-2's augmentation (random resized crop + flip) at the chosen size, with the
 chosen mean/std and interpolation.
+
+The training loaders send images as uint8 pixels (a quarter of fp32's bytes host -> device); the model
+normalises them on the device with its own mean/std (``ImagePreprocessing.normalized``, called by
+``Blip2Base.image_features``), bit-identical to torchvision's ``ToTensor`` + ``Normalize`` on the host.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 # OpenAI CLIP normalisation, used by every BLIP-2 image processor (LAVIS ``blip_processors.py``).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -55,6 +62,13 @@ class ImagePreprocessing:
     @property
     def shortest_edge(self) -> int:
         return self.resize_shortest or self.size
+
+    def normalized(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (the training loaders') -> float32 normalised with this mean/std (``normalize_uint8``);
+        float pixels are taken as normalised already and returned unchanged."""
+        import torch
+
+        return normalize_uint8(pixels, self.mean, self.std) if pixels.dtype == torch.uint8 else pixels
 
     def describe(self) -> str:
         if self.resize == "square":
@@ -109,6 +123,22 @@ def _show(value: Any) -> str:
     if isinstance(value, tuple):
         return "(" + ", ".join(f"{v:.4g}" for v in value) + ")"
     return repr(value) if isinstance(value, str) else str(value)
+
+
+def normalize_uint8(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (..., 3, H, W) pixels -> float32 ``(x / 255 - mean) / std`` on the pixels' device.
+
+    Bit-identical to torchvision's ``Normalize(mean, std)(ToTensor()(image))``: the same fp32 ops in the same
+    order (``div(255)``, ``sub(mean)``, ``div(std)``, mean/std as float32 tensors), also under autocast
+    (these ops do not autocast). Only eager: a compiled graph may fuse them differently.
+    """
+    import torch
+
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=pixels.device)
+    std = torch.as_tensor(std, dtype=torch.float32, device=pixels.device)
+    # 255 as a device tensor: CUDA multiplies by the reciprocal of a Python-scalar divisor (one ulp off)
+    scale = torch.full((), 255.0, device=pixels.device)
+    return pixels.float().div(scale).sub(mean[:, None, None]).div(std[:, None, None])
 
 
 def paper_preprocessing(size: int = 224) -> ImagePreprocessing:

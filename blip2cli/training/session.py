@@ -194,13 +194,14 @@ def _wrap(model, recipe: Recipe, env: DistEnv):
 def _train_loader(recipe: Recipe, shards: list[str], env: DistEnv, skip_batches: int, model):
     d = recipe.data
     preprocessing = model.config.preprocessing
+    pin_memory = env.device.type == "cuda"
     if d.feature_cache:
         from blip2cli.data.feature_cache import CachedFeatureLoader, check_cache_fits, open_feature_cache
 
         check_cache_fits(open_feature_cache(d.feature_cache), model.vision_model, preprocessing.size, d.feature_cache)
         return CachedFeatureLoader(d.feature_cache, d.micro_batch_size, rank=env.rank, world_size=env.world_size,
                                    seed=recipe.train.seed, captions_top_k=d.captions_top_k, skip_batches=skip_batches,
-                                   pin_memory=env.device.type == "cuda")
+                                   pin_memory=pin_memory)
     from blip2cli.data.training import make_train_loader
 
     return make_train_loader(
@@ -208,4 +209,5 @@ def _train_loader(recipe: Recipe, shards: list[str], env: DistEnv, skip_batches:
         preprocessing=preprocessing, rrc_scale=tuple(d.rrc_scale), hflip=d.hflip, captions_top_k=d.captions_top_k,
         rank=env.rank, world_size=env.world_size, num_workers=d.num_workers, seed=recipe.train.seed,
         shuffle_buffer=d.shuffle_buffer, skip_batches=skip_batches, max_image_pixels=d.max_image_pixels or None,
+        pin_memory=pin_memory,
     )

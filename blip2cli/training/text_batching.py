@@ -37,9 +37,7 @@ class TextBatcher:
         questions = list(batch.get("question") or [None] * len(texts))
         if m.stage == 1:
             texts = [t if q is None else f"{q} {t}" for t, q in zip(texts, questions)]
-            tokens = self.built.qformer_tokenizer(
-                texts, padding="max_length", truncation=True, max_length=d.max_txt_len, return_tensors="pt"
-            )
+            tokens = qformer_tokens(self.built.qformer_tokenizer, texts, d.max_txt_len)
             return {**images, "input_ids": tokens["input_ids"].to(device),
                     "attention_mask": tokens["attention_mask"].to(device)}
         from blip2cli.models.text import (
@@ -75,6 +73,11 @@ class TextBatcher:
                                         end_token=self.end_token)
             keys = ("input_ids", "attention_mask", "labels")
         return {**images, **{k: tokens[k].to(device) for k in keys}}
+
+
+def qformer_tokens(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Stage 1's text batch: ids and attention mask padded to ``max_length`` (``data.max_txt_len``)."""
+    return tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
 
 
 def image_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
