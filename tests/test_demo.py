@@ -238,7 +238,7 @@ def full_demo(tmp_path_factory):
 
 @pytest.mark.slow
 def test_demo_full_meets_issue_targets(full_demo):
-    """`blip2 demo` as the README runs it (full size, 10.6-13.6 minutes on 2 cores) reaches every target of the
+    """`blip2 demo` as the README runs it (full size, 10.6-14.9 minutes on 2 cores) reaches every target of the
     demo's issue; the reduced size above does not reach them all (VQA ~66 of ~71.5 needed)."""
     m, b = full_demo.metrics, full_demo.baselines
     chance = b["retrieval_chance_r1"]

@@ -51,7 +51,7 @@ class DemoSize:
 
 DEMO_SIZES = {
     "full": DemoSize("full", vision_steps=400, lm_steps=1500, bert_steps=250, stage1_steps=1000, stage2_steps=2400,
-                     minutes=(10.6, 13.6), targets=True),
+                     minutes=(10.6, 14.9), targets=True),
     "small": DemoSize("small", vision_steps=400, lm_steps=1500, bert_steps=200, stage1_steps=800, stage2_steps=1200,
                       minutes=(8, 12), targets=False),
 }
